@@ -1,0 +1,1 @@
+"""Pipeline stages: ingest -> assemble -> evaluate -> sink, one module each."""

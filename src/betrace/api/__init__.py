@@ -1,0 +1,1 @@
+"""User-facing read APIs: signals on Kafka, traces and signals in storage."""

@@ -1,0 +1,1 @@
+"""The ``betrace`` command line."""

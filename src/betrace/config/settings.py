@@ -1,0 +1,150 @@
+"""BeTrace settings: one pydantic-settings model, env prefix ``BETRACE_``.
+
+Values come from, highest first: keyword overrides, ``BETRACE_*`` environment
+variables, a TOML file (``BETRACE_CONFIG`` or ``--config``), then defaults.
+Nested fields use ``__`` in env names, e.g. ``BETRACE_TOPICS__INPUT=spans``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from betrace.errors import ConfigError
+
+Encoding = Literal["otlp_proto", "otlp_json"]
+
+
+class TopicSettings(BaseModel):
+    """Names and layout of the Kafka topics (see docs/architecture.md)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input: str = Field("otlp_spans", min_length=1, description="OTLP spans from producers")
+    input_encoding: Encoding = Field("otlp_proto", description="encoding of the input topic")
+    spans: str = Field("betrace.spans", min_length=1, description="ingest -> assemble")
+    store: str = Field("betrace.store", min_length=1, description="ingest -> span store")
+    traces: str = Field("betrace.traces", min_length=1, description="assemble -> evaluate")
+    signals: str = Field("betrace.signals", min_length=1, description="signal output")
+    dlq: str = Field("betrace.dlq", min_length=1, description="dead letters")
+    partitions: int = Field(4, ge=1, le=1024, description="partitions of internal topics")
+    replication_factor: int = Field(1, ge=1, le=5)
+
+
+class Settings(BaseSettings):
+    """Every tunable of a BeTrace worker and CLI, validated once at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BETRACE_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+        toml_file=None,
+    )
+
+    app_id: str = Field("betrace", min_length=1, description="consumer group and state prefix")
+    brokers: str = Field("127.0.0.1:19092", min_length=1, description="Kafka bootstrap servers")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_username: str | None = None
+    kafka_password: SecretStr | None = None
+    topics: TopicSettings = TopicSettings()
+    tenant_header: str = Field("X-Scope-OrgID", min_length=1, description="Kafka header naming the tenant")
+    default_tenant: str = Field("default", min_length=1)
+    data_dir: Path = Field(Path(".dev/data"), description="DuckDB files, one per tenant")
+    rules_dir: Path = Field(Path("config/rules"), description="per-tenant rule YAML files")
+    idle_timeout_s: float = Field(5.0, gt=0, le=3600, description="close a trace after this idle time")
+    max_trace_age_s: float = Field(3600.0, gt=0, description="force-close a trace this old")
+    max_live_traces: int = Field(200_000, ge=1, description="per worker; oldest closed early past it")
+    batch_max_messages: int = Field(500, ge=1, le=100_000, description="records per stage batch")
+    batch_max_wait_s: float = Field(0.05, gt=0, le=10, description="max wait to fill a batch")
+    store_flush_rows: int = Field(50_000, ge=1, description="span rows buffered before a flush")
+    store_flush_interval_s: float = Field(0.5, gt=0, le=60)
+    dedupe_cache_size: int = Field(2_000_000, ge=0, description="recent span keys kept at ingest")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json", "logfmt"] = "text"
+    web_port: int = Field(6066, ge=0, le=65535, description="faust web/metrics port; 0 disables")
+
+    @field_validator("brokers")
+    @classmethod
+    def _check_brokers(cls, value: str) -> str:
+        for hostport in value.split(","):
+            host, sep, port = hostport.strip().rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                msg = f"expected host:port[,host:port...], got {hostport.strip()!r}"
+                raise ValueError(msg)
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("BETRACE_CONFIG")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+    @property
+    def broker_url(self) -> str:
+        """The broker list in faust's ``kafka://`` URL form."""
+        return ";".join(f"kafka://{b.strip()}" for b in self.brokers.split(","))
+
+    def tenant_db_path(self, tenant: str) -> Path:
+        """The DuckDB file that holds ``tenant``'s spans and signals."""
+        return self.data_dir / f"tenant={tenant}.duckdb"
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Read the settings once, failing fast with a readable message."""
+    if config_file is not None:
+        if not config_file.is_file():
+            msg = f"config file {config_file} does not exist"
+            raise ConfigError(msg)
+        os.environ["BETRACE_CONFIG"] = str(config_file)
+    path = os.environ.get("BETRACE_CONFIG")
+    if path and not Path(path).is_file():
+        msg = f"BETRACE_CONFIG={path} does not exist"
+        raise ConfigError(msg)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = [f"invalid BeTrace settings ({exc.error_count()} problem(s)):"]
+        for err in exc.errors():
+            loc = "__".join(str(p) for p in err["loc"]).upper()
+            lines.append(f"  BETRACE_{loc}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("\n".join(lines)) from None
+    except tomllib.TOMLDecodeError as exc:
+        msg = f"config file {path} is not valid TOML: {exc}"
+        raise ConfigError(msg) from None
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Export ``settings`` as ``BETRACE_*`` variables, to start a worker process with them."""
+    env: dict[str, str] = {}
+    for name, value in settings:
+        if value is None:
+            continue
+        if isinstance(value, BaseModel):
+            for sub, subvalue in value:
+                env[f"BETRACE_{name.upper()}__{sub.upper()}"] = str(subvalue)
+        elif isinstance(value, SecretStr):
+            env[f"BETRACE_{name.upper()}"] = value.get_secret_value()
+        else:
+            env[f"BETRACE_{name.upper()}"] = str(value)
+    return env

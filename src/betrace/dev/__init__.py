@@ -1,0 +1,1 @@
+"""Developer / test / CI tooling (not used by the betrace runtime)."""

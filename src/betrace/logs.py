@@ -1,0 +1,59 @@
+"""Logging under the one ``betrace`` package logger: text, logfmt or JSON lines."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Literal
+
+import orjson
+
+PACKAGE_LOGGER = "betrace"
+
+_STD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        doc.update({k: v for k, v in record.__dict__.items() if k not in _STD})
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(doc, default=str).decode()
+
+
+class _LogfmtFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage().replace('"', '\\"')
+        line = (
+            f'ts={self.formatTime(record, "%Y-%m-%dT%H:%M:%S")} level={record.levelname.lower()} '
+            f'logger={record.name} msg="{msg}"'
+        )
+        if record.exc_info:
+            line += ' exc="' + self.formatException(record.exc_info).replace("\n", "\\n") + '"'
+        return line
+
+
+def configure_logging(
+    level: str = "INFO", fmt: Literal["text", "json", "logfmt"] = "text"
+) -> logging.Logger:
+    """Install one stderr handler on the package logger (idempotent)."""
+    logger = logging.getLogger(PACKAGE_LOGGER)
+    logger.setLevel(level)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    elif fmt == "logfmt":
+        handler.setFormatter(_LogfmtFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False
+    return logger

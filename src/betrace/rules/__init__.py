@@ -1,0 +1,1 @@
+"""Rules: the model, loading per tenant, and the engine that compiles them."""

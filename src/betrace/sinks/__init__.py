@@ -1,0 +1,1 @@
+"""Sinks: DuckDB hot storage, signal emission (and, later, ledger and cold storage)."""

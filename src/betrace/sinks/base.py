@@ -1,0 +1,69 @@
+"""The one sink contract: ``add`` items, ``write(batch)``, ``flush``.
+
+As in quix-streams, the batch is cleared in ``finally``: a failed write is not
+retried from memory but replayed from Kafka, because offsets are committed
+only after every sink has flushed. A full buffer raises
+:class:`BackpressureError` instead of growing.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from typing import Generic, TypeVar
+
+from betrace.errors import BackpressureError
+from betrace.metrics import StageHooks
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class BatchingSink(abc.ABC, Generic[T]):
+    """Buffer items, write them as one batch on :meth:`flush`."""
+
+    step_id: str = "sink"
+
+    def __init__(self, *, max_items: int, hooks: StageHooks) -> None:
+        if max_items < 1:
+            msg = f"max_items must be >= 1, got {max_items}"
+            raise ValueError(msg)
+        self.max_items = max_items
+        self.hooks = hooks
+        self._batch: list[T] = []
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def full(self) -> bool:
+        return self._size >= self.max_items
+
+    def add(self, item: T, size: int = 1) -> None:
+        """Buffer ``item`` (worth ``size`` rows); raise when the buffer is full."""
+        if self.full:
+            msg = f"sink {self.step_id} holds {self._size} rows (max {self.max_items}); flush first"
+            raise BackpressureError(msg)
+        self._batch.append(item)
+        self._size += size
+
+    async def flush(self) -> None:
+        """Write what is buffered; the buffer is empty afterwards, success or not."""
+        if not self._batch:
+            return
+        batch, size = self._batch, self._size
+        started = time.perf_counter()
+        try:
+            await self.write(batch)
+        finally:
+            self._batch = []
+            self._size = 0
+        self.hooks.count("betrace_sink_rows_total", size, sink=self.step_id)
+        self.hooks.observe("betrace_sink_flush_seconds", time.perf_counter() - started, sink=self.step_id)
+
+    @abc.abstractmethod
+    async def write(self, batch: list[T]) -> None:
+        """Persist ``batch`` durably or raise; called by :meth:`flush` only."""

@@ -1,0 +1,1 @@
+"""Topics, codecs and schemas shared by every pipeline stage."""

@@ -1,0 +1,1 @@
+"""Synthetic OTLP workloads with a known ground truth, for produce, demo and benchmarks."""
