@@ -31,7 +31,7 @@ class _LogfmtFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         msg = record.getMessage().replace('"', '\\"')
         line = (
-            f'ts={self.formatTime(record, "%Y-%m-%dT%H:%M:%S")} level={record.levelname.lower()} '
+            f"ts={self.formatTime(record, '%Y-%m-%dT%H:%M:%S')} level={record.levelname.lower()} "
             f'logger={record.name} msg="{msg}"'
         )
         if record.exc_info:
@@ -39,9 +39,7 @@ class _LogfmtFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(
-    level: str = "INFO", fmt: Literal["text", "json", "logfmt"] = "text"
-) -> logging.Logger:
+def configure_logging(level: str = "INFO", fmt: Literal["text", "json", "logfmt"] = "text") -> logging.Logger:
     """Install one stderr handler on the package logger (idempotent)."""
     logger = logging.getLogger(PACKAGE_LOGGER)
     logger.setLevel(level)

@@ -27,10 +27,14 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("betrace_spans_in_total", "counter", "spans", "spans consumed by a stage", ("stage",)),
     MetricSpec("betrace_spans_out_total", "counter", "spans", "spans emitted by a stage", ("stage",)),
     MetricSpec("betrace_duplicates_total", "counter", "spans", "exact duplicate spans dropped", ("stage",)),
-    MetricSpec("betrace_dead_letters_total", "counter", "records", "records sent to the DLQ", ("stage", "reason")),
+    MetricSpec(
+        "betrace_dead_letters_total", "counter", "records", "records sent to the DLQ", ("stage", "reason")
+    ),
     MetricSpec("betrace_traces_closed_total", "counter", "traces", "traces closed", ("stage", "cause")),
     MetricSpec("betrace_live_traces", "gauge", "traces", "traces being assembled", ("stage",)),
-    MetricSpec("betrace_signals_total", "counter", "signals", "signals emitted", ("stage", "rule", "severity")),
+    MetricSpec(
+        "betrace_signals_total", "counter", "signals", "signals emitted", ("stage", "rule", "severity")
+    ),
     MetricSpec("betrace_sink_rows_total", "counter", "rows", "rows written by a sink", ("sink",)),
     MetricSpec("betrace_sink_flush_seconds", "histogram", "seconds", "sink flush latency", ("sink",)),
 )

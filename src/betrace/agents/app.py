@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import faust
@@ -40,18 +39,6 @@ logger = logging.getLogger(__name__)
 MAX_ROWS_PER_MESSAGE = 20_000
 
 
-@dataclass
-class Pipeline:
-    """The faust app and the stage objects behind its agents (for tests and the CLI)."""
-
-    app: faust.App
-    ingest: IngestStage
-    assembler: TraceAssembler
-    evaluate: EvaluateStage
-    store: TenantStore
-    hooks: StageHooks
-
-
 def _record(event: Any) -> Record:
     msg = event.message
     headers = msg.headers or ()
@@ -68,7 +55,7 @@ def _record(event: Any) -> Record:
     )
 
 
-def _chunks(table: pa.Table, max_rows: int) -> list[pa.Table]:
+def chunk_by_trace(table: pa.Table, max_rows: int) -> list[pa.Table]:
     """Split by whole traces so that no trace straddles two messages."""
     if table.num_rows <= max_rows:
         return [table]
@@ -77,143 +64,154 @@ def _chunks(table: pa.Table, max_rows: int) -> list[pa.Table]:
     return [table.filter(pc.equal(buckets, i)) for i in range(k)]
 
 
-def build_pipeline(settings: Settings, rules: RuleSet, hooks: StageHooks | None = None) -> Pipeline:
-    """Create the faust app for ``settings`` with every stage registered."""
-    hooks = hooks or InMemoryHooks()
-    topics = settings.topics
-    app = faust.App(
-        settings.app_id,
-        broker=settings.broker_url,
-        key_serializer="raw",
-        value_serializer="raw",
-        store="memory://",
-        autodiscover=False,
-        web_enabled=settings.web_port > 0,
-        web_port=settings.web_port or 6066,
-        web_bind="127.0.0.1",
-        topic_partitions=topics.partitions,
-        topic_replication_factor=topics.replication_factor,
-        consumer_auto_offset_reset="earliest",
-        broker_commit_interval=1.0,
-        producer_max_request_size=MAX_MESSAGE_BYTES,
-        consumer_max_fetch_size=MAX_MESSAGE_BYTES,
-        producer_linger=0.005,
-        producer_acks=-1,
-        stream_wait_empty=False,
-    )
+def _tables(events: list[Any], step: str) -> list[tuple[Any, pa.Table]]:
+    """Decode internal Arrow messages; a corrupt one is logged and skipped, never fatal."""
+    out = []
+    for event in events:
+        try:
+            out.append((event, ipc_to_table(event.message.value)))
+        except DecodeError as exc:
+            logger.warning(
+                "%s: skipping corrupt internal batch at offset %s: %s", step, event.message.offset, exc
+            )
+    return out
 
-    def topic(name: str) -> Any:
-        return app.topic(name, key_type=bytes, value_type=bytes, partitions=None, internal=False)
 
-    input_topic = topic(topics.input)
-    spans_topic = topic(topics.spans)
-    traces_topic = topic(topics.traces)
-    verdicts = topic(verdicts_topic(settings))
-    signals_topic = topic(topics.signals)
-    dlq_topic = topic(topics.dlq)
+class Pipeline:
+    """The faust app and the stage objects behind its agents."""
 
-    ingest = IngestStage(settings, hooks)
-    assembler = TraceAssembler(
-        idle_timeout_s=settings.idle_timeout_s,
-        max_trace_age_s=settings.max_trace_age_s,
-        max_live_traces=settings.max_live_traces,
-        hooks=hooks,
-    )
-    evaluate = EvaluateStage(rules, hooks)
-    store = TenantStore(settings.data_dir)
-    span_sink = SpanStoreSink(store, max_rows=settings.store_flush_rows * 4, hooks=hooks)
+    def __init__(self, settings: Settings, rules: RuleSet, hooks: StageHooks | None = None) -> None:
+        self.settings = settings
+        self.hooks = hooks or InMemoryHooks()
+        topics = settings.topics
+        self.app = faust.App(
+            settings.app_id,
+            broker=settings.broker_url,
+            key_serializer="raw",
+            value_serializer="raw",
+            store="memory://",
+            autodiscover=False,
+            web_enabled=settings.web_port > 0,
+            web_port=settings.web_port or 6066,
+            web_bind="127.0.0.1",
+            topic_partitions=topics.partitions,
+            topic_replication_factor=topics.replication_factor,
+            consumer_auto_offset_reset="earliest",
+            broker_commit_interval=1.0,
+            producer_max_request_size=MAX_MESSAGE_BYTES,
+            consumer_max_fetch_size=MAX_MESSAGE_BYTES,
+            producer_linger=0.005,
+            producer_acks=-1,
+            stream_wait_empty=False,
+        )
+        self.input_topic = self._topic(topics.input)
+        self.spans_topic = self._topic(topics.spans)
+        self.traces_topic = self._topic(topics.traces)
+        self.verdicts_topic = self._topic(verdicts_topic(settings))
+        self.signals_topic = self._topic(topics.signals)
+        self.dlq_topic = self._topic(topics.dlq)
 
-    async def publish(docs: list[dict[str, Any]]) -> None:
-        for doc in docs:
-            await signals_topic.send(key=doc["signal_id"].encode(), value=dumps(doc))
-        # Marking a signal emitted must follow its delivery, not its buffering.
-        await app.producer.flush()
+        self.ingest = IngestStage(settings, self.hooks)
+        self.assembler = TraceAssembler(
+            idle_timeout_s=settings.idle_timeout_s,
+            max_trace_age_s=settings.max_trace_age_s,
+            max_live_traces=settings.max_live_traces,
+            hooks=self.hooks,
+        )
+        self.evaluate = EvaluateStage(rules, self.hooks)
+        self.store = TenantStore(settings.data_dir)
+        self.span_sink = SpanStoreSink(self.store, max_rows=settings.store_flush_rows * 4, hooks=self.hooks)
+        self.signal_sink = SignalSink(self.store, self._publish, max_items=100_000, hooks=self.hooks)
+        self._held: dict[int, Any] = {}
+        self._seqs = itertools.count()
+        self._register()
 
-    signal_sink = SignalSink(store, publish, max_items=100_000, hooks=hooks)
-    batch, wait = settings.batch_max_messages, settings.batch_max_wait_s
+    def _topic(self, name: str) -> Any:
+        return self.app.topic(name, key_type=bytes, value_type=bytes, partitions=None, internal=False)
 
-    @app.agent(input_topic, name="betrace.ingest")
-    async def ingest_agent(stream: Any) -> None:
-        async for events in stream.take_events(batch, within=wait):
-            result = ingest.process([_record(e) for e in events])
-            for dead in result.dead_letters:
-                await dlq_topic.send(
-                    key=dead.record.key, value=dead.record.value, headers=dead_letter_headers(dead)
-                )
-            for partition, table in result.partitions:
-                for chunk in _chunks(table, MAX_ROWS_PER_MESSAGE):
-                    await spans_topic.send(value=table_to_ipc(chunk), partition=partition)
+    def _register(self) -> None:
+        batch, wait = self.settings.batch_max_messages, self.settings.batch_max_wait_s
 
-    held: dict[int, Any] = {}
-    seqs = itertools.count()
+        def agent(topic: Any, name: str, handle: Any) -> None:
+            async def run(stream: Any) -> None:
+                async for events in stream.take_events(batch, within=wait):
+                    # Side effects complete before take_events acks the batch.
+                    await handle(events)
 
-    @app.agent(spans_topic, name="betrace.assemble")
-    async def assemble_agent(stream: Any) -> None:
-        async for events in stream.take_events(batch, within=wait):
-            for event in events:
-                try:
-                    table = ipc_to_table(event.message.value)
-                except DecodeError as exc:
-                    logger.error("assemble: skipping corrupt internal batch at offset %s: %s", event.message.offset, exc)
-                    continue
-                seq = next(seqs)
-                # Hold the message un-acked until all its traces are closed and forwarded.
-                event.message.incref()
-                held[seq] = event
-                assembler.add(table, seq)
+            self.app.agent(topic, name=name)(run)
 
-    @app.timer(min(0.25, settings.idle_timeout_s / 4), name="betrace.assemble.close")
-    async def close_traces() -> None:
-        closed = assembler.close_due()
+        agent(self.input_topic, "betrace.ingest", self._on_input)
+        agent(self.spans_topic, "betrace.assemble", self._on_spans)
+        agent(self.spans_topic, "betrace.sink.duckdb", self._on_spans_store)
+        agent(self.traces_topic, "betrace.evaluate", self._on_traces)
+        agent(self.verdicts_topic, "betrace.sink.signals", self._on_verdicts)
+        interval = min(0.25, self.settings.idle_timeout_s / 4)
+        self.app.timer(interval, name="betrace.assemble.close")(self.close_traces)
+
+    async def _on_input(self, events: list[Any]) -> None:
+        result = self.ingest.process([_record(e) for e in events])
+        for dead in result.dead_letters:
+            await self.dlq_topic.send(
+                key=dead.record.key, value=dead.record.value, headers=dead_letter_headers(dead)
+            )
+        for partition, table in result.partitions:
+            for chunk in chunk_by_trace(table, MAX_ROWS_PER_MESSAGE):
+                await self.spans_topic.send(value=table_to_ipc(chunk), partition=partition)
+
+    async def _on_spans(self, events: list[Any]) -> None:
+        for event, table in _tables(events, "assemble"):
+            seq = next(self._seqs)
+            # Hold the message un-acked until all its traces are closed and forwarded.
+            event.message.incref()
+            self._held[seq] = event
+            self.assembler.add(table, seq)
+
+    async def close_traces(self) -> None:
+        """Forward the traces that are due, then release the messages they came from."""
+        closed = self.assembler.close_due()
         if closed is None:
             return
-        if closed.spans.num_rows:
-            parts = pa.array(partition_of(closed.spans.column("trace_id").to_pylist(), topics.partitions))
-            for p in range(topics.partitions):
-                part = closed.spans.filter(pc.equal(parts, p))
-                if part.num_rows:
-                    for chunk in _chunks(part, MAX_ROWS_PER_MESSAGE):
-                        await traces_topic.send(value=table_to_ipc(chunk), partition=p)
+        spans = closed.spans
+        if spans.num_rows:
+            partitions = self.settings.topics.partitions
+            parts = pa.array(partition_of(spans.column("trace_id").to_pylist(), partitions), pa.int32())
+            for p in pc.unique(parts).to_pylist():
+                for chunk in chunk_by_trace(spans.filter(pc.equal(parts, p)), MAX_ROWS_PER_MESSAGE):
+                    await self.traces_topic.send(value=table_to_ipc(chunk), partition=p)
         for seq in closed.released:
-            event = held.pop(seq, None)
+            event = self._held.pop(seq, None)
             if event is not None:
                 event.ack()
 
-    @app.agent(traces_topic, name="betrace.evaluate")
-    async def evaluate_agent(stream: Any) -> None:
-        async for events in stream.take_events(batch, within=wait):
-            tables = []
-            for event in events:
-                try:
-                    tables.append(ipc_to_table(event.message.value))
-                except DecodeError as exc:
-                    logger.error("evaluate: skipping corrupt internal batch: %s", exc)
-            if tables:
-                for doc in evaluate.evaluate(pa.concat_tables(tables)):
-                    await verdicts.send(key=doc["signal_id"].encode(), value=dumps(doc))
+    async def _on_spans_store(self, events: list[Any]) -> None:
+        for _, table in _tables(events, "span store"):
+            if self.span_sink.full:
+                await self.span_sink.flush()
+            self.span_sink.add(table, size=table.num_rows)
+        await self.span_sink.flush()
 
-    @app.agent(verdicts, name="betrace.sink.signals")
-    async def signal_agent(stream: Any) -> None:
-        async for events in stream.take_events(batch, within=wait):
-            for event in events:
-                try:
-                    signal_sink.add(loads(event.message.value))
-                except DecodeError as exc:
-                    logger.error("signal sink: skipping corrupt candidate: %s", exc)
-            await signal_sink.flush()
+    async def _on_traces(self, events: list[Any]) -> None:
+        tables = [table for _, table in _tables(events, "evaluate")]
+        if not tables:
+            return
+        for doc in self.evaluate.evaluate(pa.concat_tables(tables)):
+            await self.verdicts_topic.send(key=doc["signal_id"].encode(), value=dumps(doc))
 
-    @app.agent(spans_topic, name="betrace.sink.duckdb")
-    async def store_agent(stream: Any) -> None:
-        async for events in stream.take_events(batch, within=wait):
-            for event in events:
-                try:
-                    table = ipc_to_table(event.message.value)
-                except DecodeError as exc:
-                    logger.error("span store: skipping corrupt internal batch: %s", exc)
-                    continue
-                if span_sink.full:
-                    await span_sink.flush()
-                span_sink.add(table, size=table.num_rows)
-            await span_sink.flush()
+    async def _on_verdicts(self, events: list[Any]) -> None:
+        for event in events:
+            try:
+                self.signal_sink.add(loads(event.message.value))
+            except DecodeError as exc:
+                logger.warning("signal sink: skipping a corrupt candidate signal: %s", exc)
+        await self.signal_sink.flush()
 
-    return Pipeline(app=app, ingest=ingest, assembler=assembler, evaluate=evaluate, store=store, hooks=hooks)
+    async def _publish(self, docs: list[dict[str, Any]]) -> None:
+        for doc in docs:
+            await self.signals_topic.send(key=doc["signal_id"].encode(), value=dumps(doc))
+        # Marking a signal emitted must follow its delivery, not its buffering.
+        await self.app.producer.flush()
+
+
+def build_pipeline(settings: Settings, rules: RuleSet, hooks: StageHooks | None = None) -> Pipeline:
+    """Create the faust app for ``settings`` with every stage registered."""
+    return Pipeline(settings, rules, hooks)

@@ -85,7 +85,11 @@ class IngestStage:
             self.hooks.count("betrace_dead_letters_total", stage=STEP_ID, reason=dead.reason)
             logger.warning(
                 "dead letter from %s[%d]@%d: %s: %s",
-                dead.record.topic, dead.record.partition, dead.record.offset, dead.reason, dead.detail[:300],
+                dead.record.topic,
+                dead.record.partition,
+                dead.record.offset,
+                dead.reason,
+                dead.detail[:300],
             )
         if table.num_rows:
             keys = pc.binary_join_element_wise(

@@ -22,8 +22,13 @@ def run_worker(settings: Settings) -> None:
     pipeline = build_pipeline(settings, rules)
     logger.info(
         "worker %s starting: brokers=%s input=%s (%s) rules=%d tenants=%s data=%s",
-        settings.app_id, settings.brokers, settings.topics.input, settings.topics.input_encoding,
-        len(rules.rules), ",".join(sorted(rules.tenants)) or "-", settings.data_dir,
+        settings.app_id,
+        settings.brokers,
+        settings.topics.input,
+        settings.topics.input_encoding,
+        len(rules.rules),
+        ",".join(sorted(rules.tenants)) or "-",
+        settings.data_dir,
     )
     worker = faust.Worker(
         pipeline.app,

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-import duckdb
 import typer
 from rich.table import Table
 
@@ -20,6 +19,7 @@ from betrace.config import Settings, TopicSettings
 from betrace.dev.kafka import KafkaDevError, LocalKafka
 from betrace.dev.worker import WorkerProcess
 from betrace.errors import BetraceError, BrokerError, DevEnvironmentError
+from betrace.sinks.duckdb_store import TenantStore
 from betrace.streams.admin import ensure_topics
 from betrace.streams.lag import group_lag
 
@@ -50,8 +50,11 @@ def demo_settings(base: Settings, run_id: str, data_root: Path, idle_timeout_s: 
     """Fresh topics, consumer group and data files per run, so runs never mix."""
     prefix = f"demo.{run_id}."
     topics = TopicSettings(
-        input=prefix + "otlp_spans", spans=prefix + "spans", store=prefix + "store",
-        traces=prefix + "traces", signals=prefix + "signals", dlq=prefix + "dlq",
+        input=prefix + "otlp_spans",
+        spans=prefix + "spans",
+        traces=prefix + "traces",
+        signals=prefix + "signals",
+        dlq=prefix + "dlq",
         partitions=base.topics.partitions,
     )
     return base.model_copy(
@@ -81,23 +84,28 @@ async def _wait_consumed(cfg: Settings, topics: list[str], timeout_s: float) -> 
 
 
 def _count_stored(cfg: Settings) -> tuple[int, int]:
-    total = distinct = 0
-    for path in sorted(cfg.data_dir.glob("tenant=*.duckdb")):
-        with duckdb.connect(str(path), read_only=True) as con:
-            row = con.execute("SELECT count(*), count(DISTINCT (trace_id, span_id)) FROM spans").fetchone()
-            if row:
-                total += int(row[0])
-                distinct += int(row[1])
-    return total, distinct
+    store = TenantStore(cfg.data_dir, read_only=True)
+    try:
+        counts = store.span_counts().values()
+    finally:
+        store.close()
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 def demo(
     spans: Annotated[int, typer.Option("--spans", "-n", min=1, help="Spans to produce.")] = 100_000,
-    tenants: Annotated[str, typer.Option(help="Comma-separated tenants (each has rules in config/rules/).")] = "default,acme",
-    violation_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of violating traces.")] = 0.05,
-    idle_timeout: Annotated[float, typer.Option(min=0.5, help="Seconds of inactivity that close a trace.")] = 2.0,
+    tenants: Annotated[
+        str, typer.Option(help="Comma-separated tenants (each has rules in config/rules/).")
+    ] = "default,acme",
+    violation_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of violating traces.")
+    ] = 0.05,
+    idle_timeout: Annotated[
+        float, typer.Option(min=0.5, help="Seconds of inactivity that close a trace.")
+    ] = 2.0,
     external: Annotated[
-        bool, typer.Option("--external", help="Use BETRACE_BROKERS as is instead of starting the local broker.")
+        bool,
+        typer.Option("--external", help="Use BETRACE_BROKERS as is instead of starting the local broker."),
     ] = False,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds of processing.")] = 300.0,
 ) -> None:
@@ -139,16 +147,23 @@ def _run(
 ) -> DemoReport:
     tenant_list = tuple(t.strip() for t in tenants.split(",") if t.strip())
     started = time.monotonic()
-    stats, generator = produce_with_progress(cfg, spans=spans, tenants=tenant_list, violation_rate=violation_rate, seed=int(started))
+    stats, generator = produce_with_progress(
+        cfg, spans=spans, tenants=tenant_list, violation_rate=violation_rate, seed=int(started)
+    )
     report = DemoReport(spans=stats.spans, expected=generator.truth.expected)
-    console.print(f"produced {stats.spans:,} spans at {stats.spans_per_s:,.0f} spans/s; waiting for the worker…")
+    console.print(
+        f"produced {stats.spans:,} spans at {stats.spans_per_s:,.0f} spans/s; waiting for the worker…"
+    )
 
     async def follow() -> None:
         await _wait_consumed(cfg, [cfg.topics.input], timeout)
         report.processing_s = time.monotonic() - started
         await tail_signals(
-            cfg, report.received.append, from_beginning=True,
-            timeout_s=timeout, idle_exit_s=cfg.idle_timeout_s + 5.0,
+            cfg,
+            report.received.append,
+            from_beginning=True,
+            timeout_s=timeout,
+            idle_exit_s=cfg.idle_timeout_s + 5.0,
             stop=lambda: not worker.alive or _settled(report),
         )
 
@@ -174,8 +189,12 @@ def _print_report(cfg: Settings, report: DemoReport) -> None:
     detected = report.detected
 
     def row(name: str, want: object, got: object, good: bool) -> None:
-        table.add_row(name, f"{want:,}" if isinstance(want, int) else str(want),
-                      f"{got:,}" if isinstance(got, int) else str(got), "[green]✓[/]" if good else "[red]✗[/]")
+        table.add_row(
+            name,
+            f"{want:,}" if isinstance(want, int) else str(want),
+            f"{got:,}" if isinstance(got, int) else str(got),
+            "[green]✓[/]" if good else "[red]✗[/]",
+        )
 
     row("signals (rule violations)", len(report.expected), len(detected), detected == report.expected)
     row("missing signals", 0, len(report.expected - detected), not report.expected - detected)

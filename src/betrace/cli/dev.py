@@ -31,7 +31,9 @@ def up(brokers: Brokers = 1) -> None:
     kafka = _kafka(brokers)
     with fail_clearly():
         try:
-            console.print(f"starting Kafka {kafka.version} ({brokers} node(s)); the first run downloads the jars…")
+            console.print(
+                f"starting Kafka {kafka.version} ({brokers} node(s)); the first run downloads the jars…"
+            )
             kafka.up()
         except KafkaDevError as exc:
             raise DevEnvironmentError(str(exc)) from None

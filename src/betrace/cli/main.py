@@ -48,7 +48,9 @@ def _version(value: bool) -> None:
 def _root(
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="TOML settings file (same keys as BETRACE_* without the prefix)."),
+        typer.Option(
+            "--config", "-c", help="TOML settings file (same keys as BETRACE_* without the prefix)."
+        ),
     ] = None,
     log_level: Annotated[
         str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
@@ -83,12 +85,21 @@ def produce(
         str, typer.Option("--tenants", help="Comma-separated tenants, sent in the tenant header.")
     ] = "default,acme",
     violation_rate: Annotated[
-        float, typer.Option("--violation-rate", min=0.0, max=1.0, help="Share of checkout/profile traces that violate a demo rule.")
+        float,
+        typer.Option(
+            "--violation-rate",
+            min=0.0,
+            max=1.0,
+            help="Share of checkout/profile traces that violate a demo rule.",
+        ),
     ] = 0.05,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same traces.")] = 7,
     spans_per_message: Annotated[int, typer.Option(min=1, help="Spans batched per Kafka message.")] = 200,
     by_trace_id: Annotated[
-        bool, typer.Option("--by-trace-id", help="One trace per message, keyed by trace id (partition_traces_by_id).")
+        bool,
+        typer.Option(
+            "--by-trace-id", help="One trace per message, keyed by trace id (partition_traces_by_id)."
+        ),
     ] = False,
     topic: Annotated[str | None, typer.Option(help="Target topic (default: BETRACE_TOPICS__INPUT).")] = None,
     truth: Annotated[
@@ -104,9 +115,14 @@ def produce(
     cfg = settings()
     with fail_clearly():
         stats, generator = produce_with_progress(
-            cfg, spans=spans, tenants=tuple(t.strip() for t in tenants.split(",") if t.strip()),
-            violation_rate=violation_rate, seed=seed, spans_per_message=spans_per_message,
-            by_trace_id=by_trace_id, topic=topic,
+            cfg,
+            spans=spans,
+            tenants=tuple(t.strip() for t in tenants.split(",") if t.strip()),
+            violation_rate=violation_rate,
+            seed=seed,
+            spans_per_message=spans_per_message,
+            by_trace_id=by_trace_id,
+            topic=topic,
         )
     if truth is not None:
         with truth.open("wb") as fh:
@@ -121,8 +137,12 @@ def produce(
 
 @signals_app.command("tail")
 def signals_tail(
-    from_beginning: Annotated[bool, typer.Option("--from-beginning", help="Start at the oldest signal.")] = False,
-    count: Annotated[int | None, typer.Option("--count", "-n", min=1, help="Exit after this many signals.")] = None,
+    from_beginning: Annotated[
+        bool, typer.Option("--from-beginning", help="Start at the oldest signal.")
+    ] = False,
+    count: Annotated[
+        int | None, typer.Option("--count", "-n", min=1, help="Exit after this many signals.")
+    ] = None,
     timeout: Annotated[float | None, typer.Option(help="Exit after this many seconds.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print each signal as one JSON line.")] = False,
 ) -> None:
@@ -144,7 +164,9 @@ def signals_tail(
             )
 
     with fail_clearly():
-        asyncio.run(tail_signals(cfg, show, from_beginning=from_beginning, max_signals=count, timeout_s=timeout))
+        asyncio.run(
+            tail_signals(cfg, show, from_beginning=from_beginning, max_signals=count, timeout_s=timeout)
+        )
 
 
 def main() -> None:

@@ -25,10 +25,16 @@ def produce_with_progress(
     topic: str | None = None,
 ) -> tuple[ProduceStats, TraceGenerator]:
     generator = TraceGenerator(tenants=tenants, violation_rate=violation_rate, seed=seed)
-    messages = batch_messages(generator.traces(spans), spans_per_message=spans_per_message, by_trace_id=by_trace_id)
+    messages = batch_messages(
+        generator.traces(spans), spans_per_message=spans_per_message, by_trace_id=by_trace_id
+    )
     with Progress(
-        TextColumn("producing spans"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=console, transient=False,
+        TextColumn("producing spans"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
     ) as progress:
         task = progress.add_task("produce", total=spans)
         stats = asyncio.run(

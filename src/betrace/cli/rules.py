@@ -10,12 +10,16 @@ import typer
 from betrace.cli.common import fail_clearly, out, settings
 from betrace.rules.loader import load_rules, parse_rule_file
 
-app = typer.Typer(help="Validate and list rules (YAML files, one per tenant, under config/rules/).", no_args_is_help=True)
+app = typer.Typer(
+    help="Validate and list rules (YAML files, one per tenant, under config/rules/).", no_args_is_help=True
+)
 
 
 @app.command()
 def validate(
-    paths: Annotated[list[Path] | None, typer.Argument(help="Rule files (default: every file in BETRACE_RULES_DIR).")] = None,
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="Rule files (default: every file in BETRACE_RULES_DIR).")
+    ] = None,
 ) -> None:
     """Parse and compile rule files; print each problem with its file and rule id."""
     cfg = settings()
@@ -27,7 +31,8 @@ def validate(
             out.print(f"{total} rule(s) in {len(paths)} file(s) are valid")
         else:
             ruleset = load_rules(cfg.rules_dir)
-            out.print(f"{len(ruleset.rules)} rule(s) for {len(ruleset.tenants)} tenant(s) in {cfg.rules_dir} are valid")
+            counts = f"{len(ruleset.rules)} rule(s) for {len(ruleset.tenants)} tenant(s)"
+            out.print(f"{counts} in {cfg.rules_dir} are valid")
 
 
 @app.command("list")
@@ -43,6 +48,8 @@ def list_rules(
             continue
         state = "enabled" if rule.enabled else "disabled"
         out.print(
-            f"{rule.tenant}/{rule.id}@v{rule.version} [{rule.severity}, {rule.language}, {state}] {rule.expression}",
-            highlight=False, markup=False,
+            f"{rule.tenant}/{rule.id}@v{rule.version} [{rule.severity}, {rule.language}, {state}] "
+            f"{rule.expression}",
+            highlight=False,
+            markup=False,
         )

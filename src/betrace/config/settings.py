@@ -33,7 +33,6 @@ class TopicSettings(BaseModel):
     input: str = Field("otlp_spans", min_length=1, description="OTLP spans from producers")
     input_encoding: Encoding = Field("otlp_proto", description="encoding of the input topic")
     spans: str = Field("betrace.spans", min_length=1, description="ingest -> assemble")
-    store: str = Field("betrace.store", min_length=1, description="ingest -> span store")
     traces: str = Field("betrace.traces", min_length=1, description="assemble -> evaluate")
     signals: str = Field("betrace.signals", min_length=1, description="signal output")
     dlq: str = Field("betrace.dlq", min_length=1, description="dead letters")

@@ -84,6 +84,9 @@ DEFAULT_PORT = 19092
 #: Controller (KRaft quorum) ports start this far above the client port.
 CONTROLLER_PORT_OFFSET = 1000
 DEFAULT_HEAP_OPTS = "-Xms256m -Xmx512m"
+#: Seconds ``down()`` lets nodes that lost the controller quorum try to finish
+#: before it SIGKILLs them.
+QUORUM_LOSS_GRACE = 5.0
 ENV_PORT = "BETRACE_DEV_KAFKA_PORT"
 ENV_HEAP_OPTS = "BETRACE_KAFKA_HEAP_OPTS"
 MIN_JAVA_MAJOR = 17
@@ -285,7 +288,7 @@ class LocalKafka:
             return False
         pom = self._find_pom()
         if pom is not None and info.get("pom_sha256") != _sha256(pom):
-            logger.info("%s changed since the last fetch; fetching again", pom)
+            logger.debug("%s changed since the last fetch", pom)
             return False
         return (self.libs_dir / f"kafka_2.13-{self.version}.jar").is_file()
 
@@ -331,9 +334,7 @@ class LocalKafka:
                 f"-DoutputDirectory={partial}",
                 f"-Dkafka.version={self.version}",
             ]
-            logger.info(
-                "fetching Apache Kafka %s jars with Maven into %s", self.version, self.libs_dir
-            )
+            logger.info("fetching Apache Kafka %s jars with Maven into %s", self.version, self.libs_dir)
             started = time.monotonic()
             try:
                 rc, tail = _run_streaming(cmd, cwd=pom.parent, timeout=timeout)
@@ -412,17 +413,46 @@ class LocalKafka:
     def down(self, clean: bool = False, timeout: float = 30.0) -> None:
         """Stop all nodes (SIGTERM, then SIGKILL after ``timeout`` seconds) and
         remove their pid files; ``clean=True`` also deletes ``.dev/kafka``
-        (data, configs, logs, cluster id). The jar cache is kept."""
+        (data, configs, logs, cluster id). The jar cache is kept.
+
+        In a multi-node cluster the last nodes to go lose the controller
+        quorum and could wait minutes for a controlled-shutdown grant that can
+        no longer come; such nodes are SIGKILLed after ``QUORUM_LOSS_GRACE``
+        seconds (page-cache data survives SIGKILL; restart runs log recovery).
+        """
         with self._lock():
-            pids = {n: self._running_pid(n) for n in self._known_node_ids()}
-            for node_id, pid in pids.items():
+            node_ids = self._known_node_ids()
+            alive = {}
+            for node_id in node_ids:
+                pid = self._running_pid(node_id)
                 if pid is not None:
                     logger.info("stopping Kafka node %d (pid %d)", node_id, pid)
                     _signal(pid, signal.SIGTERM)
+                    alive[node_id] = pid
+            majority = len(node_ids) // 2 + 1
             deadline = time.monotonic() + timeout
-            for node_id, pid in pids.items():
-                if pid is not None:
-                    _wait_dead_or_kill(pid, deadline, f"node {node_id}")
+            quorum_lost_at: float | None = None
+            while alive:
+                alive = {n: pid for n, pid in alive.items() if _pid_alive(pid)}
+                now = time.monotonic()
+                if alive and quorum_lost_at is None and len(alive) < majority:
+                    quorum_lost_at = now
+                stuck = quorum_lost_at is not None and now - quorum_lost_at > QUORUM_LOSS_GRACE
+                if alive and (now >= deadline or stuck):
+                    for node_id, pid in alive.items():
+                        logger.warning(
+                            "Kafka node %d (pid %d) still running %s; sending SIGKILL",
+                            node_id,
+                            pid,
+                            "without a controller quorum" if stuck else f"after {timeout:.0f}s",
+                        )
+                        _signal(pid, signal.SIGKILL)
+                    kill_deadline = now + 10.0
+                    for node_id, pid in alive.items():
+                        _wait_dead_or_kill(pid, kill_deadline, f"node {node_id}")
+                    break
+                time.sleep(0.1)
+            for node_id in node_ids:
                 self._pid_file_for(node_id).unlink(missing_ok=True)
             if clean and self.state_dir.exists():
                 logger.info("removing %s", self.state_dir)
@@ -502,10 +532,14 @@ class LocalKafka:
             ["--bootstrap-server", self.bootstrap_servers, "--describe", "--group", group],
             timeout=timeout,
         )
-        if proc.returncode != 0:
+        # It exits 0 even on failures (e.g. an unknown group) and prints
+        # "Error: ..." on stdout (stack trace on stderr).
+        errors = [line for line in proc.stdout.splitlines() if line.startswith("Error:")]
+        if proc.returncode != 0 or errors:
+            detail = "\n".join(errors) or (proc.stdout + proc.stderr).strip()
             msg = (
-                f"ConsumerGroupCommand --describe --group {group} failed with exit code "
-                f"{proc.returncode}:\n{proc.stdout}{proc.stderr}"
+                f"ConsumerGroupCommand --describe --group {group} failed "
+                f"(exit code {proc.returncode}): {detail}"
             )
             raise KafkaDevError(msg)
         return proc.stdout
@@ -609,9 +643,7 @@ class LocalKafka:
             )
             raise MissingToolError(msg)
         try:
-            proc = subprocess.run(
-                [java, "-version"], capture_output=True, text=True, timeout=30, check=False
-            )
+            proc = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             msg = f"cannot run {java} -version: {exc}"
             raise MissingToolError(msg) from exc
@@ -697,9 +729,7 @@ class LocalKafka:
             for sub in ("data", "logs"):
                 (self.node_dir(node_id) / sub).mkdir(parents=True, exist_ok=True)
             _atomic_write(self._props_file(node_id), self._server_properties(node_id))
-        to_format = [
-            n for n in format_nodes if not (self._data_dir(n) / "meta.properties").exists()
-        ]
+        to_format = [n for n in format_nodes if not (self._data_dir(n) / "meta.properties").exists()]
         if to_format:
             self._format(to_format, cluster_id)
         return cluster_id
@@ -893,8 +923,7 @@ class LocalKafka:
                     pending.remove(node_id)
                 else:
                     last_problem = (
-                        f"node {node_id} sees brokers {sorted(md.broker_ids)}, "
-                        f"waiting for {sorted(expected)}"
+                        f"node {node_id} sees brokers {sorted(md.broker_ids)}, waiting for {sorted(expected)}"
                     )
             if not pending:
                 return
@@ -1151,9 +1180,7 @@ def _parse_metadata(payload: bytes, correlation_id: int) -> _Metadata:
         read_string()  # rack
     cluster_id = read_string()
     controller_id = read(">i")
-    return _Metadata(
-        cluster_id=cluster_id, controller_id=controller_id, broker_ids=frozenset(broker_ids)
-    )
+    return _Metadata(cluster_id=cluster_id, controller_id=controller_id, broker_ids=frozenset(broker_ids))
 
 
 # -------------------------------------------------------------------- CLI
@@ -1168,21 +1195,34 @@ def _default_root() -> Path:
     return cwd
 
 
+def _recorded_cluster(root: Path) -> dict[str, int]:
+    """Topology of the cluster last started under ``root`` (CLI defaults)."""
+    try:
+        data = json.loads((root / ".dev" / "kafka" / "cluster.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if k in ("brokers", "port") and isinstance(v, int)}
+
+
 def _build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--brokers",
         type=int,
-        default=1,
+        default=None,
         metavar="N",
-        help="number of nodes (combined KRaft broker+controller); 1 or 3 (default: 1)",
+        help="number of nodes, each a combined KRaft broker+controller; 1 or 3 "
+        "(default: as recorded in .dev/kafka/cluster.json, else 1)",
     )
     common.add_argument(
         "--port",
         type=int,
         default=None,
-        help=f"client port of node 1; node i uses PORT+i-1 (default: ${ENV_PORT} or "
-        f"{DEFAULT_PORT})",
+        help=f"client port of node 1; node i uses PORT+i-1, controllers PORT+"
+        f"{CONTROLLER_PORT_OFFSET}+i-1 (default: ${ENV_PORT}, else as recorded in "
+        f".dev/kafka/cluster.json, else {DEFAULT_PORT})",
     )
     common.add_argument(
         "--root",
@@ -1197,7 +1237,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description=(
             f"Local Apache Kafka {KAFKA_VERSION} (KRaft) for development, tests and CI. "
             "Needs Java 17+ and, once, Maven (the jars are cached under "
-            ".cache/kafka/). Data and logs live under .dev/kafka/."
+            ".cache/kafka/). Data and logs live under .dev/kafka/. "
+            "Run 'COMMAND --help' for a command's options."
         ),
         epilog=(
             f"Environment: {ENV_PORT} (client port), {ENV_HEAP_OPTS} (JVM heap, default "
@@ -1209,9 +1250,7 @@ def _build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser(
         "up", parents=[common], help="fetch jars if needed, start the cluster, wait until ready"
     )
-    up.add_argument(
-        "--timeout", type=float, default=90.0, help="seconds to wait for readiness (default: 90)"
-    )
+    up.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for readiness (default: 90)")
     sub.add_parser("down", parents=[common], help="stop the cluster (data is kept)")
     sub.add_parser("clean", parents=[common], help="stop the cluster and delete .dev/kafka")
     sub.add_parser("status", parents=[common], help="show nodes, pids, ports")
@@ -1233,9 +1272,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     root = args.root if args.root is not None else _default_root()
+    recorded = _recorded_cluster(root)
+    brokers: int = args.brokers if args.brokers is not None else recorded.get("brokers", 1)
+    port: int | None = args.port
+    if port is None and not os.environ.get(ENV_PORT) and "port" in recorded:
+        port = recorded["port"]
     error: KafkaDevError | None = None
     try:
-        kafka = LocalKafka(root, brokers=args.brokers, port=args.port)
+        kafka = LocalKafka(root, brokers=brokers, port=port)
         command: str = args.command
         if command == "up":
             kafka.up(timeout=args.timeout)

@@ -193,7 +193,10 @@ class BatchContext:
         return self.scatter(agg.column("g"), agg.column(f"v_{func}"), g.size, None)
 
     def scatter(
-        self, keys: pa.Array | pa.ChunkedArray, values: pa.Array | pa.ChunkedArray, size: int,
+        self,
+        keys: pa.Array | pa.ChunkedArray,
+        values: pa.Array | pa.ChunkedArray,
+        size: int,
         fill: object,
     ) -> pa.Array:
         """Dense array of ``size``: ``values[i]`` at ``keys[i]``, ``fill`` elsewhere."""
@@ -275,9 +278,7 @@ class BatchContext:
             .group_by("c", use_threads=False)
             .aggregate([("s", "list")])
         )
-        spans = dict(
-            zip(grouped.column("c").to_pylist(), grouped.column("s_list").to_pylist(), strict=True)
-        )
+        spans = dict(zip(grouped.column("c").to_pylist(), grouped.column("s_list").to_pylist(), strict=True))
         trace_ids = self.trace_ids
         result = []
         for code in flagged.to_pylist():

@@ -50,10 +50,7 @@ def syntax_error(source: str, offset: int, message: str) -> RuleSyntaxError:
 def check_length(source: str) -> None:
     """Reject expressions longer than :data:`MAX_EXPRESSION_LENGTH`."""
     if len(source) > MAX_EXPRESSION_LENGTH:
-        msg = (
-            f"rule expression is {len(source)} characters long; "
-            f"the limit is {MAX_EXPRESSION_LENGTH}"
-        )
+        msg = f"rule expression is {len(source)} characters long; the limit is {MAX_EXPRESSION_LENGTH}"
         raise RuleSyntaxError(msg, line=1, column=1)
     if not source.strip():
         raise syntax_error(source, 0, "rule expression is empty")

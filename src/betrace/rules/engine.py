@@ -1,58 +1,172 @@
 """Compile rules into vectorised evaluators over columnar span batches.
 
-Walking-skeleton engine: supports ``when { X } always { Y }`` over span names.
-The full engine (issue 3) replaces this module behind the same
-:func:`compile_rule` entry point.
+:func:`compile_rule` parses a rule once (raising
+:class:`~betrace.errors.RuleSyntaxError` with line, column and a caret) and
+returns an object whose ``evaluate(traces)`` judges every trace of an Arrow
+batch at once. Three languages are supported:
+
+* ``betrace`` -- ``when { A } always { B } never { C }`` (:mod:`.dsl`)
+* ``traceql`` -- Grafana Tempo's TraceQL; a match is a violation (:mod:`.traceql`)
+* ``sequence`` -- ``A followed_by B within 30s`` (:mod:`.sequence`)
+
+Evaluation never walks syntax trees per span: parsing produces closures over
+``pyarrow.compute`` kernels, attribute JSON is read by DuckDB once per batch
+for all rules of the tenant, and the per-batch derived columns (trace codes,
+parent links, attributes) are shared by all rules evaluating the same table.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+import weakref
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from betrace.errors import RuleSyntaxError
-from betrace.rules.model import Rule, Violation
+from betrace.errors import RuleError
+from betrace.rules.batch import BatchContext, Scope, context_for, register_keys
+from betrace.rules.dsl import compiler as dslc
+from betrace.rules.dsl import parser as dslp
+from betrace.rules.model import Rule, Verdict, Violation
+from betrace.rules.sequence import compiler as seq
+from betrace.rules.traceql import ast as tq_ast
+from betrace.rules.traceql import compiler as tqc
+from betrace.rules.traceql import parser as tqp
 
-_NAME = r"[A-Za-z_][\w.\-/]*"
-_WHEN_ALWAYS = re.compile(rf"^\s*when\s*\{{\s*({_NAME})\s*\}}\s*always\s*\{{\s*({_NAME})\s*\}}\s*$")
+
+class _Compiled:
+    """Common plumbing: the rule, key registration and batch contexts."""
+
+    def __init__(self, rule: Rule, keys: set[tuple[Scope, str]]) -> None:
+        self._rule = rule
+        self._keys = keys
+        weakref.finalize(self, register_keys(rule.tenant, keys))
+
+    @property
+    def rule(self) -> Rule:
+        return self._rule
+
+    def context(self, traces: pa.Table) -> BatchContext:
+        ctx = context_for(traces)
+        if self._keys:
+            ctx.prefetch(self._rule.tenant, self._keys)
+        return ctx
+
+    def evaluate(self, traces: pa.Table, now_ns: int | None = None) -> list[Violation]:
+        raise NotImplementedError
+
+    def verdicts(self, traces: pa.Table, now_ns: int | None = None) -> dict[str, Verdict]:
+        """The verdict of every trace in ``traces``."""
+        if traces.num_rows == 0:
+            return {}
+        ctx = context_for(traces)
+        result = dict.fromkeys(ctx.trace_ids.to_pylist(), Verdict.PASS)
+        for trace_id in self._pending(traces, now_ns):
+            result[trace_id] = Verdict.PENDING
+        for violation in self.evaluate(traces, now_ns):
+            result[violation.trace_id] = Verdict.VIOLATION
+        return result
+
+    def _pending(self, traces: pa.Table, now_ns: int | None) -> list[str]:
+        del traces, now_ns
+        return []
 
 
-@dataclass(frozen=True, slots=True)
-class _RequiresRule:
-    rule: Rule
-    trigger: str
-    required: str
+class CompiledDslRule(_Compiled):
+    """A compiled ``betrace`` rule (``now_ns`` is accepted and ignored)."""
 
-    def evaluate(self, traces: pa.Table) -> list[Violation]:
-        names = traces.column("name")
-        trace_ids = traces.column("trace_id")
-        trigger_mask = pc.equal(names, self.trigger)
-        if not pc.any(trigger_mask).as_py():
+    def __init__(self, rule: Rule, program: dslc.CompiledDsl) -> None:
+        super().__init__(rule, program.keys)
+        self.program = program
+
+    def evaluate(self, traces: pa.Table, now_ns: int | None = None) -> list[Violation]:
+        del now_ns
+        if traces.num_rows == 0:
             return []
-        satisfied = pc.unique(pc.filter(trace_ids, pc.equal(names, self.required)))
-        hits = traces.filter(trigger_mask)
-        hits = hits.filter(pc.invert(pc.is_in(hits.column("trace_id"), value_set=satisfied)))
-        if hits.num_rows == 0:
+        ctx = self.context(traces)
+        parts = self.program.run(ctx)
+        if not pc.any(parts.violated).as_py():
             return []
-        grouped = hits.group_by("trace_id").aggregate([("span_id", "list")])
-        msg = f"'{self.trigger}' occurred without '{self.required}'"
-        return [
-            Violation(trace_id=t, span_ids=tuple(sorted(s)), message=msg)
-            for t, s in zip(
-                grouped.column("trace_id").to_pylist(),
-                grouped.column("span_id_list").to_pylist(),
-                strict=True,
-            )
-        ]
+        evidence = self.program.evidence(ctx, parts)
+        return ctx.violations(parts.violated, evidence, self.program.message(parts))
 
 
-def compile_rule(rule: Rule) -> _RequiresRule:
+class CompiledTraceQLRule(_Compiled):
+    """A compiled ``traceql`` rule: a trace violates when the query matches it."""
+
+    def __init__(self, rule: Rule, query: tq_ast.Pipeline) -> None:
+        super().__init__(rule, tqc.attribute_keys(query))
+        self.query = query
+        self.run = tqc.compile_pipeline(query)
+
+    def evaluate(self, traces: pa.Table, now_ns: int | None = None) -> list[Violation]:
+        del now_ns
+        if traces.num_rows == 0:
+            return []
+        ctx = self.context(traces)
+        spans = self.run(ctx).mask
+        matched = ctx.group_any(spans)
+        message = f"TraceQL query matched: {' '.join(self.rule.expression.split())}"
+        return ctx.violations(matched, spans, message)
+
+
+class CompiledSequenceRule(_Compiled):
+    """A compiled ``sequence`` rule with deadline semantics (see :mod:`.sequence`)."""
+
+    def __init__(self, rule: Rule, program: seq.CompiledSequence) -> None:
+        super().__init__(rule, program.keys)
+        self.program = program
+
+    def _split(self, ctx: BatchContext, now_ns: int | None) -> tuple[pa.Array, pa.Array]:
+        """Masks of (violating, pending) unmatched A spans."""
+        parts = self.program.run(ctx)
+        if now_ns is None:
+            return parts.unmatched, ctx.all_false
+        due = pc.less_equal(parts.deadline, now_ns)
+        violating = pc.and_(parts.unmatched, due)
+        return violating, pc.and_(parts.unmatched, pc.invert(due))
+
+    def evaluate(self, traces: pa.Table, now_ns: int | None = None) -> list[Violation]:
+        if traces.num_rows == 0:
+            return []
+        ctx = self.context(traces)
+        violating, _ = self._split(ctx, now_ns)
+        return ctx.violations(ctx.group_any(violating), violating, self.program.message())
+
+    def deadline_ns(self, traces: pa.Table) -> dict[str, int]:
+        """Per trace with an unmatched A span: when its violation becomes final."""
+        if traces.num_rows == 0:
+            return {}
+        ctx = self.context(traces)
+        parts = self.program.run(ctx)
+        earliest = ctx.group_reduce(parts.deadline, parts.unmatched, "min")
+        return {
+            trace_id: deadline
+            for trace_id, deadline in zip(ctx.trace_ids.to_pylist(), earliest.to_pylist(), strict=True)
+            if deadline is not None
+        }
+
+    def _pending(self, traces: pa.Table, now_ns: int | None) -> list[str]:
+        if now_ns is None:
+            return []
+        ctx = self.context(traces)
+        _, pending = self._split(ctx, now_ns)
+        flagged = pc.indices_nonzero(ctx.group_any(pending))
+        pending_ids: list[str] = pc.take(ctx.trace_ids, flagged).to_pylist()
+        return pending_ids
+
+
+CompiledAny = CompiledDslRule | CompiledTraceQLRule | CompiledSequenceRule
+
+
+def compile_rule(rule: Rule) -> CompiledAny:
     """Compile ``rule`` once; raise :class:`RuleSyntaxError` if it does not parse."""
-    match = _WHEN_ALWAYS.match(rule.expression)
-    if match is None:
-        msg = f"rule {rule.id!r}: expected 'when {{ <span name> }} always {{ <span name> }}'"
-        raise RuleSyntaxError(msg)
-    return _RequiresRule(rule=rule, trigger=match.group(1), required=match.group(2))
+    # Typed as str: rules come from YAML, so the Literal type is not a guarantee.
+    language: str = rule.language
+    if language == "betrace":
+        return CompiledDslRule(rule, dslc.CompiledDsl(dslp.parse(rule.expression)))
+    if language == "traceql":
+        return CompiledTraceQLRule(rule, tqp.parse(rule.expression))
+    if language == "sequence":
+        return CompiledSequenceRule(rule, seq.CompiledSequence(seq.parse(rule.expression)))
+    msg = f"rule {rule.id!r}: unknown language {rule.language!r}"
+    raise RuleError(msg)

@@ -122,13 +122,15 @@ def compile_regex(pattern: str) -> str:
         msg = f"invalid regular expression {pattern!r}: {reason} (RE2 syntax, no backreferences)"
         raise ValueError(msg) from None
     if compiled.programsize > MAX_REGEX_PROGRAM_SIZE:
-        msg = f"regular expression {pattern!r} is too complex (RE2 program size " \
+        msg = (
+            f"regular expression {pattern!r} is too complex (RE2 program size "
             f"{compiled.programsize} > {MAX_REGEX_PROGRAM_SIZE})"
+        )
         raise ValueError(msg)
     return f"^(?:{pattern})$"
 
 
-def check_compare(op: str, left: Expr, right: Expr) -> str | None:
+def check_compare(op: str, left: Expr, right: Expr) -> str | None:  # noqa: PLR0911
     """Return why ``left op right`` is ill-typed, or None when it is fine."""
     lit = right if isinstance(right, Literal) else None
     if lit is None:
@@ -151,7 +153,7 @@ def check_compare(op: str, left: Expr, right: Expr) -> str | None:
     return None
 
 
-def attribute_keys(expr: Expr) -> set[tuple[Scope, str]]:
+def attribute_keys(expr: Expr) -> set[tuple[Scope, str]]:  # noqa: PLR0911 -- dispatch
     """The attribute keys ``expr`` reads, for one-pass extraction."""
     match expr:
         case Field(scope="span" | "dsl", name=name):
@@ -175,7 +177,7 @@ def attribute_keys(expr: Expr) -> set[tuple[Scope, str]]:
 
 
 def _intrinsic(ctx: BatchContext, name: str) -> Typed:
-    def compute() -> Typed:
+    def compute() -> Typed:  # noqa: PLR0911 -- one return per intrinsic
         match name:
             case "name":
                 return Typed(text=ctx.column("name"))
@@ -226,7 +228,7 @@ def _resource(ctx: BatchContext, name: str) -> Typed:
     return ctx.attribute("resource", name)
 
 
-def compile_field(field: Field) -> ValueFn:
+def compile_field(field: Field) -> ValueFn:  # noqa: PLR0911 -- dispatch
     name = field.name
     match field.scope:
         case "span":
@@ -268,9 +270,9 @@ def _compile_number(expr: Expr) -> NumFn:
     raise ValueError(msg)
 
 
-def _arith(op: str, a: pa.Array | float, b: pa.Array | float) -> pa.Array | float:
+def _arith(op: str, a: pa.Array | float, b: pa.Array | float) -> pa.Array | float:  # noqa: PLR0911 -- dispatch
     if isinstance(a, float) and isinstance(b, float):
-        return _scalar_arith(op, a, b)
+        return scalar_arith(op, a, b)
     match op:
         case "+":
             return pc.add(a, b)
@@ -286,7 +288,7 @@ def _arith(op: str, a: pa.Array | float, b: pa.Array | float) -> pa.Array | floa
     return pc.subtract(a, pc.multiply(quotient, b))
 
 
-def _scalar_arith(op: str, a: float, b: float) -> float:
+def scalar_arith(op: str, a: float, b: float) -> float:
     match op:
         case "+":
             return a + b
@@ -438,6 +440,10 @@ def _literal_test(op: str, lit: Literal) -> LitTest:
 
         return contains
     compare = _PC_OPS[op]
+    if kind in ("number", "duration") and isinstance(value, int | float):
+        # Numeric columns are float64 (or int64 intrinsics); a float literal
+        # compares with both, an int beyond 2**53 would not convert.
+        value = float(value)
 
     def simple(ctx: BatchContext, t: Typed) -> pa.Array:
         col = _column_for(t, kind)
@@ -468,10 +474,9 @@ def _in_list(values: tuple[Scalar, ...]) -> LitTest:
 
 
 def _length(ctx: BatchContext, t: Typed) -> int:
-    for col in (t.num, t.text, t.flag, t.present):
-        if col is not None:
-            return len(col)
-    return ctx.n
+    columns = [c for c in (t.num, t.text, t.flag, t.present) if c is not None]
+    length: int = len(columns[0]) if columns else ctx.n
+    return length
 
 
 def _scalar_literal(value: Scalar | tuple[Scalar, ...]) -> Literal:

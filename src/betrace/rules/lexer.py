@@ -13,9 +13,8 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NoReturn
 
-from betrace.errors import RuleSyntaxError
 from betrace.rules.diagnostics import MAX_NESTING_DEPTH, check_length, syntax_error
 
 TokenKind = Literal["ident", "number", "duration", "string", "op", "eof"]
@@ -29,7 +28,7 @@ _OPERATORS = (
 )  # fmt: skip
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
-_UNIT = re.compile(r"(ns|us|µs|ms|s|m|h)(?![A-Za-z0-9_])")
+_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ns|us|µs|ms|s|m|h))+(?![A-Za-z0-9_])")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNIT_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 10**9, "m": 60 * 10**9}
 _UNIT_NS["h"] = 3600 * 10**9
@@ -78,7 +77,8 @@ def tokenize(source: str) -> list[Token]:
         else:
             op = next((o for o in _OPERATORS if source.startswith(o, i)), None)
             if op is None:
-                raise syntax_error(source, i, f"unexpected character {ch!r}")
+                msg = f"unexpected character {ch!r}"
+                raise syntax_error(source, i, msg)
             tokens.append(Token("op", op, op, i, i + len(op)))
             i += len(op)
     tokens.append(Token("eof", "", "", n, n))
@@ -86,25 +86,21 @@ def tokenize(source: str) -> list[Token]:
 
 
 def _number(source: str, start: int) -> Token:
+    duration = _DURATION.match(source, start)
+    if duration is not None:
+        # Go-style compound durations such as ``1h30m`` are one token.
+        parts = _DURATION_PART.findall(duration.group())
+        total = sum(float(amount) * _UNIT_NS[unit] for amount, unit in parts)
+        return Token("duration", duration.group(), round(total), start, duration.end())
     m = _NUMBER.match(source, start)
     assert m is not None
     end = m.end()
-    if _UNIT.match(source, end) is None:
-        text = m.group()
-        value: int | float = float(text) if any(c in text for c in ".eE") else int(text)
-        return Token("number", text, value, start, end)
-    # Go-style compound durations such as ``1h30m`` are one token.
-    total = 0.0
-    pos = start
-    while (part := _DURATION_PART.match(source, pos)) is not None:
-        unit_end = _UNIT.match(source, part.start(2))
-        if unit_end is None:
-            break
-        total += float(part.group(1)) * _UNIT_NS[part.group(2)]
-        pos = part.end()
-    if pos < len(source) and (source[pos].isalnum() or source[pos] == "_"):
-        raise syntax_error(source, start, f"malformed duration {source[start : pos + 1]!r}")
-    return Token("duration", source[start:pos], round(total), start, pos)
+    if end < len(source) and (source[end].isalpha() or source[end] == "_"):
+        msg = f"malformed number {source[start : end + 1]!r}"
+        raise syntax_error(source, start, msg)
+    text = m.group()
+    value: int | float = float(text) if any(c in text for c in ".eE") else int(text)
+    return Token("number", text, value, start, end)
 
 
 def _string(source: str, start: int) -> Token:
@@ -123,14 +119,16 @@ def _string(source: str, start: int) -> Token:
                 i += 5
                 continue
             if esc not in _ESCAPES:
-                raise syntax_error(source, i - 1, f"unknown escape sequence '\\{esc}' in string")
+                msg = f"unknown escape sequence '\\{esc}' in string"
+                raise syntax_error(source, i - 1, msg)
             out.append(_ESCAPES[esc])
         elif ch == "\n" and quote != "`":
             break
         else:
             out.append(ch)
         i += 1
-    raise syntax_error(source, start, "unterminated string literal")
+    msg = "unterminated string literal"
+    raise syntax_error(source, start, msg)
 
 
 class Parser:
@@ -174,20 +172,21 @@ class Parser:
     def expect(self, text: str, context: str = "") -> Token:
         if self.at(text):
             return self.advance()
-        raise self.error(f"expected {text!r}{context}")
+        return self.error(f"expected {text!r}{context}")
 
-    def error(self, expected: str, tok: Token | None = None) -> RuleSyntaxError:
-        """An error at ``tok`` (default: the current token) saying what was expected."""
+    def error(self, expected: str, tok: Token | None = None) -> NoReturn:
+        """Fail at ``tok`` (default: the current token) saying what was expected."""
         tok = self.tok if tok is None else tok
-        return syntax_error(self.source, tok.pos, f"{expected} but found {tok.describe()}")
+        raise syntax_error(self.source, tok.pos, f"{expected} but found {tok.describe()}")
 
-    def fail(self, message: str, tok: Token | None = None) -> RuleSyntaxError:
+    def fail(self, message: str, tok: Token | None = None) -> NoReturn:
+        """Fail at ``tok`` (default: the current token) with ``message``."""
         tok = self.tok if tok is None else tok
-        return syntax_error(self.source, tok.pos, message)
+        raise syntax_error(self.source, tok.pos, message)
 
     def expect_end(self) -> None:
         if self.tok.kind != "eof":
-            raise self.error("expected end of rule")
+            self.error("expected end of rule")
 
     def adjacent(self) -> bool:
         """True when the current token starts right where the previous one ended."""
@@ -200,7 +199,7 @@ class Parser:
         try:
             if self.depth > MAX_NESTING_DEPTH:
                 msg = f"expression nests deeper than {MAX_NESTING_DEPTH} levels"
-                raise self.fail(msg)
+                self.fail(msg)
             yield
         finally:
             self.depth -= 1
@@ -213,7 +212,7 @@ class Parser:
         """
         first = self.tok
         if first.kind not in ("ident", "string"):
-            raise self.error(f"expected {what}")
+            self.error(f"expected {what}")
         parts = [str(self.advance().value)]
         while (
             self.at_op(".")

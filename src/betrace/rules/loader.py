@@ -79,9 +79,7 @@ def parse_rule_file(path: Path) -> list[Rule]:
     try:
         doc = _RuleFile.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         msg = f"{path}: invalid rule file: {problems}"
         raise RuleError(msg) from None
     rules = [Rule(tenant=doc.tenant, **r.model_dump()) for r in doc.rules]

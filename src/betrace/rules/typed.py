@@ -99,35 +99,35 @@ def extract_raw(column: pa.Array, keys: list[str]) -> dict[str, pa.Array]:
     out: dict[str, pa.Array] = {}
     for group in _case_groups(keys):
         spec = _sql_literal(orjson.dumps(dict.fromkeys(group, "JSON")).decode())
+        # The keys reach SQL only inside a JSON document quoted by _sql_literal.
         try:
-            table = _query_column(column, f"SELECT json_transform(j, {spec}) FROM betrace_json")
+            sql = f"SELECT json_transform(j, {spec}) FROM betrace_json"  # noqa: S608
+            table = _query_column(column, sql)
         except duckdb.Error:
             # A malformed document fails the whole call; retry skipping invalid ones.
             sql = (
-                f"SELECT CASE WHEN json_valid(j) THEN json_transform(j, {spec}) END "
+                f"SELECT CASE WHEN json_valid(j) THEN json_transform(j, {spec}) END "  # noqa: S608
                 "FROM betrace_json"
             )
             table = _query_column(column, sql)
         struct = table.column(0).combine_chunks()
-        for key, child in zip(group, struct.flatten(), strict=True):
-            out[key] = child
+        out.update(zip(group, struct.flatten(), strict=True))
     return out
 
 
 def decode(raw: pa.Array, *, with_elements: bool = True) -> Typed:
     """Split raw JSON values into a :class:`Typed` (arrays into ``elements``)."""
     first = pc.utf8_slice_codeunits(raw, 0, 1)
-    is_str = pc.equal(first, "\"")
+    is_str = pc.equal(first, '"')
     text = pc.if_else(is_str, pc.utf8_slice_codeunits(raw, 1, -1), _NULL_STR)
     escaped = pc.and_(is_str, pc.match_substring(raw, "\\")).fill_null(False)
     if pc.any(escaped).as_py():
         rows = pc.indices_nonzero(escaped)
-        sub = _query_column(pc.take(raw, rows), "SELECT json_extract_string(j, '$') FROM betrace_json")
+        sql = "SELECT json_extract_string(j, '$') FROM betrace_json"
+        sub = _query_column(pc.take(raw, rows), sql)
         text = pc.replace_with_mask(text, escaped, sub.column(0).combine_chunks())
     num = pc.cast(pc.if_else(pc.is_in(first, value_set=_NUM_FIRST), raw, _NULL_STR), pa.float64())
-    flag = pc.if_else(
-        pc.equal(raw, "true"), True, pc.if_else(pc.equal(raw, "false"), False, _NULL_BOOL)
-    )
+    flag = pc.if_else(pc.equal(raw, "true"), True, pc.if_else(pc.equal(raw, "false"), False, _NULL_BOOL))
     present = pc.not_equal(raw, "null").fill_null(False)
     elements = None
     is_array = pc.equal(first, "[").fill_null(False)
@@ -150,10 +150,7 @@ def take(typed: Typed, indices: pa.Array) -> Typed:
         return None if arr is None else pc.take(arr, indices)
 
     present = pick(typed.present)
-    if present is None:
-        present = pc.is_valid(indices)
-    else:
-        present = present.fill_null(False)
+    present = pc.is_valid(indices) if present is None else present.fill_null(False)
     return Typed(pick(typed.num), pick(typed.text), pick(typed.flag), present)
 
 

@@ -60,8 +60,17 @@ CREATE TABLE IF NOT EXISTS signals (
 """
 
 SIGNAL_COLUMNS = (
-    "signal_id", "tenant", "rule_id", "rule_version", "rule_name", "trace_id", "span_ids",
-    "severity", "message", "detected_at", "source_produced_ms",
+    "signal_id",
+    "tenant",
+    "rule_id",
+    "rule_version",
+    "rule_name",
+    "trace_id",
+    "span_ids",
+    "severity",
+    "message",
+    "detected_at",
+    "source_produced_ms",
 )
 
 
@@ -164,6 +173,17 @@ class TenantStore:
             raise SinkError(msg) from exc
         finally:
             con.close()
+
+    def span_counts(self) -> dict[str, tuple[int, int]]:
+        """Per tenant: stored span rows and distinct ``(trace_id, span_id)`` keys."""
+        counts = {}
+        for tenant in self.tenants():
+            with self.cursor(tenant) as con:
+                row = con.execute(
+                    "SELECT count(*), count(DISTINCT (trace_id, span_id)) FROM spans"
+                ).fetchone()
+            counts[tenant] = (int(row[0]), int(row[1])) if row else (0, 0)
+        return counts
 
     @contextmanager
     def cursor(self, tenant: str) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -55,5 +55,5 @@ async def group_lag(brokers: str, group: str, topics: list[str]) -> list[Partiti
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-    await consumer._client.force_metadata_update()  # noqa: SLF001 - aiokafka has no public refresh
+    await consumer._client.force_metadata_update()
     return consumer.partitions_for_topic(topic) or set()

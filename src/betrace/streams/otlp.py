@@ -86,8 +86,19 @@ class _Columns:
     )
 
     def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, [])
+        self.tenant: list[str] = []
+        self.trace_id: list[str] = []
+        self.span_id: list[str] = []
+        self.parent_span_id: list[str | None] = []
+        self.name: list[str] = []
+        self.service: list[str | None] = []
+        self.kind: list[int] = []
+        self.status_code: list[int] = []
+        self.start_ns: list[int] = []
+        self.end_ns: list[int] = []
+        self.attributes: list[str] = []
+        self.resource_attributes: list[str] = []
+        self.produced_ms: list[int] = []
 
     def table(self) -> pa.Table:
         arrays = [getattr(self, name) for name in SPAN_SCHEMA.names]
@@ -114,7 +125,7 @@ def _any_value(value: Any) -> Any:
 def _json_any_value(value: dict[str, Any]) -> Any:
     """Convert an OTLP/JSON ``AnyValue`` object to a plain Python value."""
     for kind, raw in value.items():
-        if kind == "stringValue" or kind == "boolValue" or kind == "doubleValue":
+        if kind in ("stringValue", "boolValue", "doubleValue"):
             return raw
         if kind == "intValue":
             return int(raw)
@@ -202,7 +213,11 @@ class OtlpDecoder:
         c_parent, c_name, c_service = cols.parent_span_id.append, cols.name.append, cols.service.append
         c_kind, c_status = cols.kind.append, cols.status_code.append
         c_start, c_end = cols.start_ns.append, cols.end_ns.append
-        c_attrs, c_rattrs, c_ts = cols.attributes.append, cols.resource_attributes.append, cols.produced_ms.append
+        c_attrs, c_rattrs, c_ts = (
+            cols.attributes.append,
+            cols.resource_attributes.append,
+            cols.produced_ms.append,
+        )
         dumps = orjson.dumps
         ts = record.timestamp_ms
         for resource_spans in request.resource_spans:
@@ -253,8 +268,12 @@ class OtlpDecoder:
         try:
             for resource_spans in request.get("resourceSpans", ()):
                 resource = resource_spans.get("resource") or {}
-                rattrs = {kv["key"]: _json_any_value(kv.get("value", {})) for kv in resource.get("attributes", ())}
-                tenant = resolve_tenant(record, self.tenant_header, rattrs.get("tenant.id"), self.default_tenant)
+                rattrs = {
+                    kv["key"]: _json_any_value(kv.get("value", {})) for kv in resource.get("attributes", ())
+                }
+                tenant = resolve_tenant(
+                    record, self.tenant_header, rattrs.get("tenant.id"), self.default_tenant
+                )
                 service = rattrs.get("service.name")
                 service = service if isinstance(service, str) else None
                 rjson = dumps(rattrs).decode()

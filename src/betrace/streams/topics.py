@@ -73,10 +73,7 @@ def split_by_partition(table: pa.Table, partitions: int) -> list[tuple[int, pa.T
     if partitions == 1:
         return [(0, table)]
     parts = pa.array(partition_of(table.column("trace_id").to_pylist(), partitions), pa.int32())
-    out = []
-    for p in pc.unique(parts).to_pylist():
-        out.append((p, table.filter(pc.equal(parts, p))))
-    return out
+    return [(p, table.filter(pc.equal(parts, p))) for p in pc.unique(parts).to_pylist()]
 
 
 def split_by_tenant(table: pa.Table) -> list[tuple[str, pa.Table]]:

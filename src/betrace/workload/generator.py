@@ -98,9 +98,16 @@ class TraceGenerator:
 
     # --- templates -------------------------------------------------------
 
-    def _span(
-        self, spans: list[SpanSpec], parent: SpanSpec | None, name: str, service: str,
-        kind: int, offset_ns: int, duration_ns: int, **attrs: Any,
+    def _span(  # noqa: PLR0917 - templates read best with positional span fields
+        self,
+        spans: list[SpanSpec],
+        parent: SpanSpec | None,
+        name: str,
+        service: str,
+        kind: int,
+        offset_ns: int,
+        duration_ns: int,
+        **attrs: Any,
     ) -> SpanSpec:
         base = parent.start_ns if parent else self.clock_ns
         span = SpanSpec(
@@ -119,15 +126,30 @@ class TraceGenerator:
     def _root(self, spans: list[SpanSpec], route: str, duration_ms: int) -> SpanSpec:
         self.clock_ns += self.rng.randint(1, 5) * 1_000_000
         return self._span(
-            spans, None, "http.request", "frontend", SERVER, 0, duration_ms * 1_000_000,
-            **{"http.method": "POST" if route == "/checkout" else "GET", "http.route": route,
-               "http.status_code": 200},
+            spans,
+            None,
+            "http.request",
+            "frontend",
+            SERVER,
+            0,
+            duration_ms * 1_000_000,
+            **{
+                "http.method": "POST" if route == "/checkout" else "GET",
+                "http.route": route,
+                "http.status_code": 200,
+            },
         )
 
     def _db_queries(self, spans: list[SpanSpec], parent: SpanSpec, service: str, n: int) -> None:
         for i in range(n):
             self._span(
-                spans, parent, "db.query", service, CLIENT, (i + 1) * 1_000_000, 800_000,
+                spans,
+                parent,
+                "db.query",
+                service,
+                CLIENT,
+                (i + 1) * 1_000_000,
+                800_000,
                 **{"db.system": "postgresql", "db.operation": self.rng.choice(("SELECT", "UPDATE"))},
             )
 
@@ -139,15 +161,30 @@ class TraceGenerator:
         self._db_queries(spans, orders, "orders", self.rng.randint(3, 12))
         amount = round(self.rng.uniform(5, 5000), 2)
         charge = self._span(
-            spans, root, "payment.charge_card", "payments", CLIENT, 50_000_000, 30_000_000,
-            amount=amount, currency="EUR",
+            spans,
+            root,
+            "payment.charge_card",
+            "payments",
+            CLIENT,
+            50_000_000,
+            30_000_000,
+            amount=amount,
+            currency="EUR",
         )
         violates: tuple[str, ...] = ()
         if self.rng.random() < self.violation_rate:
             violates = (PAYMENT_RULE,)
         else:
-            self._span(spans, charge, "payment.fraud_check", "fraud", SERVER, 2_000_000, 9_000_000,
-                       score=round(self.rng.random(), 3))
+            self._span(
+                spans,
+                charge,
+                "payment.fraud_check",
+                "fraud",
+                SERVER,
+                2_000_000,
+                9_000_000,
+                score=round(self.rng.random(), 3),
+            )
         self._span(spans, root, "notification.send", "notifications", INTERNAL, 90_000_000, 5_000_000)
         return TraceSpec(tenant, self._id(16), spans, violates)
 
@@ -157,21 +194,41 @@ class TraceGenerator:
         self._span(spans, root, "auth.verify", "auth", SERVER, 1_000_000, 3_000_000, **{"user.id": "u-2"})
         users = self._span(spans, root, "user.get", "users", SERVER, 5_000_000, 20_000_000)
         self._db_queries(spans, users, "users", self.rng.randint(2, 6))
-        pii = self._span(spans, users, "pii.access", "users", INTERNAL, 12_000_000, 2_000_000,
-                         **{"data.class": "email", "subject.id": f"s-{self.rng.randint(1, 10_000)}"})
+        pii = self._span(
+            spans,
+            users,
+            "pii.access",
+            "users",
+            INTERNAL,
+            12_000_000,
+            2_000_000,
+            **{"data.class": "email", "subject.id": f"s-{self.rng.randint(1, 10_000)}"},
+        )
         violates: tuple[str, ...] = ()
         if self.rng.random() < self.violation_rate:
             violates = (PII_RULE,)
         else:
-            self._span(spans, pii, "audit.log", "audit", CLIENT, 2_500_000, 1_000_000, **{"audit.action": "read"})
+            self._span(
+                spans, pii, "audit.log", "audit", CLIENT, 2_500_000, 1_000_000, **{"audit.action": "read"}
+            )
         return TraceSpec(tenant, self._id(16), spans, violates)
 
     def _search(self, tenant: str) -> TraceSpec:
         spans: list[SpanSpec] = []
         root = self._root(spans, "/search", 25)
-        cache = self._span(spans, root, "cache.get", "search", CLIENT, 1_000_000, 500_000, **{"cache.hit": False})
+        cache = self._span(
+            spans, root, "cache.get", "search", CLIENT, 1_000_000, 500_000, **{"cache.hit": False}
+        )
         del cache
-        svc = self._span(spans, root, "search.query", "search", SERVER, 2_000_000, 15_000_000,
-                         **{"search.terms": self.rng.randint(1, 5)})
+        svc = self._span(
+            spans,
+            root,
+            "search.query",
+            "search",
+            SERVER,
+            2_000_000,
+            15_000_000,
+            **{"search.terms": self.rng.randint(1, 5)},
+        )
         self._db_queries(spans, svc, "search", self.rng.randint(1, 4))
         return TraceSpec(tenant, self._id(16), spans, ())

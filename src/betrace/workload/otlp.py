@@ -59,10 +59,10 @@ def encode_request(traces: Iterable[TraceSpec]) -> ExportTraceServiceRequest:
             if span.parent_span_id:
                 out.parent_span_id = span.parent_span_id
             out.name = span.name
-            out.kind = span.kind  # type: ignore[assignment]
+            out.kind = span.kind
             out.start_time_unix_nano = span.start_ns
             out.end_time_unix_nano = span.end_ns
-            out.status.code = span.status_code  # type: ignore[assignment]
+            out.status.code = span.status_code
             _attrs(out.attributes, span.attributes)
     return request
 
@@ -80,14 +80,18 @@ def batch_messages(
     for trace in traces:
         if by_trace_id:
             yield OtlpMessage(
-                trace.tenant, trace.trace_id.hex().encode(),
-                encode_request([trace]).SerializeToString(), len(trace.spans),
+                trace.tenant,
+                trace.trace_id.hex().encode(),
+                encode_request([trace]).SerializeToString(),
+                len(trace.spans),
             )
             continue
         pending.setdefault(trace.tenant, []).append(trace)
         counts[trace.tenant] = counts.get(trace.tenant, 0) + len(trace.spans)
         if counts[trace.tenant] >= spans_per_message:
             batch = pending.pop(trace.tenant)
-            yield OtlpMessage(trace.tenant, None, encode_request(batch).SerializeToString(), counts.pop(trace.tenant))
+            yield OtlpMessage(
+                trace.tenant, None, encode_request(batch).SerializeToString(), counts.pop(trace.tenant)
+            )
     for tenant, batch in pending.items():
         yield OtlpMessage(tenant, None, encode_request(batch).SerializeToString(), counts[tenant])

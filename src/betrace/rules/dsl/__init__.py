@@ -1,0 +1,1 @@
+"""The BeTrace DSL v2: ``when { ... } always { ... } never { ... }``."""

@@ -1,0 +1,1 @@
+"""TraceQL, as Grafana Tempo defines it, evaluated per trace over span batches."""

@@ -1,0 +1,156 @@
+"""Compile TraceQL syntax trees into closures over a :class:`BatchContext`.
+
+A spanset is a boolean mask over every span of the batch plus the grouping
+its aggregates use (traces, or ``by(...)`` groups). Evaluating a pipeline on a
+batch of many traces at once is therefore a fixed sequence of Arrow kernels;
+the query matches a trace when its final spanset has a span in that trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from betrace.rules import fields as f
+from betrace.rules.batch import BatchContext, Grouping, Scope
+from betrace.rules.structure import RELATIONS
+from betrace.rules.traceql import ast
+
+_REDUCERS = {"avg": "mean", "min": "min", "max": "max", "sum": "sum"}
+_CMP = {
+    "=": pc.equal, "!=": pc.not_equal, ">": pc.greater, ">=": pc.greater_equal,
+    "<": pc.less, "<=": pc.less_equal,
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Spanset:
+    mask: pa.Array
+    grouping: Grouping | None = None
+
+
+SpansetFn = Callable[[BatchContext, Spanset], Spanset]
+
+
+def compile_pipeline(node: ast.SpansetExpr) -> Callable[[BatchContext], Spanset]:
+    """Compile a query; the result maps a batch to the final spanset."""
+    run = _compile(node)
+    return lambda ctx: run(ctx, Spanset(ctx.all_true))
+
+
+def _compile(node: ast.SpansetExpr) -> SpansetFn:
+    match node:
+        case ast.Filter(expr=f.Const(value=True)):
+            return lambda ctx, current: current
+        case ast.Filter(expr=expr):
+            predicate = f.compile_predicate(expr)
+            return lambda ctx, current: Spanset(pc.and_(current.mask, predicate(ctx)), current.grouping)
+        case ast.SpansetOp(op=op, left=left, right=right):
+            return _compile_op(op, _compile(left), _compile(right))
+        case ast.Pipeline(stages=stages):
+            steps = [_compile_stage(stage) for stage in stages]
+
+            def pipeline(ctx: BatchContext, current: Spanset) -> Spanset:
+                for step in steps:
+                    current = step(ctx, current)
+                return current
+
+            return pipeline
+
+
+def _compile_op(op: str, left: SpansetFn, right: SpansetFn) -> SpansetFn:
+    if op == "&&":
+
+        def both(ctx: BatchContext, current: Spanset) -> Spanset:
+            a, b = left(ctx, current).mask, right(ctx, current).mask
+            in_both = pc.and_(ctx.group_any(a), ctx.group_any(b))
+            return Spanset(pc.and_(pc.or_(a, b), ctx.spread(in_both)))
+
+        return both
+    if op == "||":
+        return lambda ctx, current: Spanset(pc.or_(left(ctx, current).mask, right(ctx, current).mask))
+    relation = RELATIONS[op]
+    return lambda ctx, current: Spanset(relation(ctx, left(ctx, current).mask, right(ctx, current).mask))
+
+
+def _compile_stage(stage: ast.Stage) -> SpansetFn:
+    match stage:
+        case ast.NoOp():
+            return lambda ctx, current: current
+        case ast.By(expr=expr):
+            return _compile_by(expr)
+        case ast.AggregateFilter(op=op, left=left, right=right):
+            return _compile_aggregate_filter(op, left, right)
+        case _:
+            return _compile(stage)
+
+
+def _compile_by(expr: f.Expr) -> SpansetFn:
+    value = f.compile_value(expr)
+
+    def by(ctx: BatchContext, current: Spanset) -> Spanset:
+        typed = value(ctx)
+        key = pa.repeat(pa.scalar("\x00nil"), ctx.n)
+        for col in (typed.flag, typed.num, typed.text):
+            if col is not None:
+                key = pc.coalesce(pc.cast(col, pa.string()), key)
+        combined = pc.binary_join_element_wise(pc.cast(ctx.codes, pa.string()), key, "\x1f")
+        encoded = pc.dictionary_encode(combined)
+        return Spanset(current.mask, Grouping(encoded.indices, len(encoded.dictionary)))
+
+    return by
+
+
+AggregateFn = Callable[[BatchContext, Spanset], pa.Array]
+
+
+def _compile_aggregate(node: ast.Aggregate) -> AggregateFn:
+    if node.func == "count":
+        return lambda ctx, s: ctx.group_count(s.mask, s.grouping)
+    assert node.arg is not None
+    value = f.compile_value(node.arg)
+    func = _REDUCERS[node.func]
+
+    def reduce(ctx: BatchContext, s: Spanset) -> pa.Array:
+        num = value(ctx).num
+        if num is None:
+            size = (s.grouping or ctx.traces).size
+            return pa.nulls(size, pa.float64())
+        return ctx.group_reduce(pc.cast(num, pa.float64()), s.mask, func, s.grouping)
+
+    return reduce
+
+
+def _compile_aggregate_filter(op: str, left: ast.Aggregate, right: ast.Aggregate | float) -> SpansetFn:
+    lhs = _compile_aggregate(left)
+    rhs = None if isinstance(right, float) else _compile_aggregate(right)
+    compare = _CMP[op]
+
+    def aggregate_filter(ctx: BatchContext, current: Spanset) -> Spanset:
+        a = lhs(ctx, current)
+        b = right if rhs is None else rhs(ctx, current)
+        keep = compare(a, b).fill_null(False)
+        mask = pc.and_(current.mask, ctx.spread(keep, current.grouping))
+        return Spanset(mask, current.grouping)
+
+    return aggregate_filter
+
+
+def attribute_keys(node: ast.Stage) -> set[tuple[Scope, str]]:
+    """Every attribute key a query reads (for one-pass extraction)."""
+    match node:
+        case ast.Filter(expr=expr) | ast.By(expr=expr):
+            return f.attribute_keys(expr)
+        case ast.SpansetOp(left=left, right=right):
+            return attribute_keys(left) | attribute_keys(right)
+        case ast.Pipeline(stages=stages):
+            return set().union(*(attribute_keys(s) for s in stages))
+        case ast.AggregateFilter(left=left, right=right):
+            keys = f.attribute_keys(left.arg) if left.arg is not None else set()
+            if isinstance(right, ast.Aggregate) and right.arg is not None:
+                keys |= f.attribute_keys(right.arg)
+            return keys
+    return set()

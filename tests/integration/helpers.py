@@ -1,0 +1,82 @@
+"""Helpers for tests that drive real worker processes against the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from betrace.config import Settings
+from betrace.dev.worker import WorkerProcess
+from betrace.errors import BrokerError
+from betrace.sinks.duckdb_store import TenantStore
+from betrace.streams.lag import group_lag
+from betrace.workload.otlp import OtlpMessage
+from betrace.workload.producer import produce
+
+
+def read_topic(cfg: Settings, topic: str, *, settle_s: float = 1.5) -> list[Any]:
+    """Every record currently in ``topic``."""
+
+    async def run() -> list[Any]:
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=cfg.brokers, auto_offset_reset="earliest")
+        await consumer.start()
+        records: list[Any] = []
+        try:
+            idle_since = time.monotonic()
+            while time.monotonic() - idle_since < settle_s:
+                batch = await consumer.getmany(timeout_ms=300)
+                for recs in batch.values():
+                    records.extend(recs)
+                    idle_since = time.monotonic()
+        finally:
+            await consumer.stop()
+        return records
+
+    return asyncio.run(run())
+
+
+def signal_keys(cfg: Settings) -> list[tuple[str, str, str]]:
+    return [
+        (d["tenant"], d["rule_id"], d["trace_id"])
+        for d in (orjson.loads(r.value) for r in read_topic(cfg, cfg.topics.signals))
+    ]
+
+
+def wait_until_drained(cfg: Settings, worker: WorkerProcess, timeout_s: float = 120.0) -> None:
+    """Until the group has committed everything on every stage's input topic."""
+    topics = [cfg.topics.input, cfg.topics.spans, cfg.topics.traces, f"{cfg.topics.signals}.pending"]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert worker.alive, worker.log_tail()
+        try:
+            lags = asyncio.run(group_lag(cfg.brokers, cfg.app_id, topics))
+        except BrokerError:  # the group has no coordinator before the worker joins
+            lags = []
+        if lags and all(lag.committed is not None and lag.lag == 0 for lag in lags if lag.end > 0):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"pipeline did not drain in {timeout_s}s:\n{worker.log_tail()}")
+
+
+def run_worker_over(cfg: Settings, log: Path, messages: list[OtlpMessage]) -> None:
+    asyncio.run(produce(cfg, messages))
+    worker = WorkerProcess(cfg, log)
+    worker.start()
+    try:
+        wait_until_drained(cfg, worker)
+    finally:
+        assert worker.stop() == 0, worker.log_tail()
+
+
+def stored(cfg: Settings) -> dict[str, tuple[int, int]]:
+    store = TenantStore(cfg.data_dir, read_only=True)
+    try:
+        return store.span_counts()
+    finally:
+        store.close()
