@@ -120,7 +120,7 @@ class Pipeline:
         )
         self.evaluate = EvaluateStage(rules, self.hooks)
         self.store = TenantStore(settings.data_dir)
-        self.span_sink = SpanStoreSink(self.store, max_rows=settings.store_flush_rows * 4, hooks=self.hooks)
+        self.span_sink = SpanStoreSink(self.store, max_rows=settings.store_flush_rows, hooks=self.hooks)
         self.signal_sink = SignalSink(self.store, self._publish, max_items=100_000, hooks=self.hooks)
         self._held: dict[int, Any] = {}
         self._seqs = itertools.count()

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -31,13 +31,15 @@ class TopicSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     input: str = Field("otlp_spans", min_length=1, description="OTLP spans from producers")
-    input_encoding: Encoding = Field("otlp_proto", description="encoding of the input topic")
+    input_encoding: Encoding = Field(
+        "otlp_proto", description="otlp_proto or otlp_json, as the Collector's exporter"
+    )
     spans: str = Field("betrace.spans", min_length=1, description="ingest -> assemble")
     traces: str = Field("betrace.traces", min_length=1, description="assemble -> evaluate")
     signals: str = Field("betrace.signals", min_length=1, description="signal output")
     dlq: str = Field("betrace.dlq", min_length=1, description="dead letters")
-    partitions: int = Field(4, ge=1, le=1024, description="partitions of internal topics")
-    replication_factor: int = Field(1, ge=1, le=5)
+    partitions: int = Field(4, ge=1, le=1024, description="partitions of the topics BeTrace creates")
+    replication_factor: int = Field(1, ge=1, le=5, description="replication of topics BeTrace creates")
 
 
 class Settings(BaseSettings):
@@ -51,15 +53,17 @@ class Settings(BaseSettings):
         toml_file=None,
     )
 
-    app_id: str = Field("betrace", min_length=1, description="consumer group and state prefix")
+    app_id: str = Field(
+        "betrace", pattern=r"^[A-Za-z0-9_.\-]{1,200}$", description="faust app id = consumer group"
+    )
     brokers: str = Field("127.0.0.1:19092", min_length=1, description="Kafka bootstrap servers")
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
-    kafka_username: str | None = None
-    kafka_password: SecretStr | None = None
     topics: TopicSettings = TopicSettings()
     tenant_header: str = Field("X-Scope-OrgID", min_length=1, description="Kafka header naming the tenant")
-    default_tenant: str = Field("default", min_length=1)
+    default_tenant: str = Field(
+        "default",
+        pattern=r"^[A-Za-z0-9_.\-]{1,64}$",
+        description="tenant when neither header nor resource names one",
+    )
     data_dir: Path = Field(Path(".dev/data"), description="DuckDB files, one per tenant")
     rules_dir: Path = Field(Path("config/rules"), description="per-tenant rule YAML files")
     idle_timeout_s: float = Field(5.0, gt=0, le=3600, description="close a trace after this idle time")
@@ -67,11 +71,12 @@ class Settings(BaseSettings):
     max_live_traces: int = Field(200_000, ge=1, description="per worker; oldest closed early past it")
     batch_max_messages: int = Field(500, ge=1, le=100_000, description="records per stage batch")
     batch_max_wait_s: float = Field(0.05, gt=0, le=10, description="max wait to fill a batch")
-    store_flush_rows: int = Field(50_000, ge=1, description="span rows buffered before a flush")
-    store_flush_interval_s: float = Field(0.5, gt=0, le=60)
+    store_flush_rows: int = Field(
+        200_000, ge=1, description="span rows the DuckDB sink buffers at most before it must flush"
+    )
     dedupe_cache_size: int = Field(2_000_000, ge=0, description="recent span keys kept at ingest")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["text", "json", "logfmt"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="package log level")
+    log_format: Literal["text", "json", "logfmt"] = Field("text", description="log line format on stderr")
     web_port: int = Field(6066, ge=0, le=65535, description="faust web/metrics port; 0 disables")
 
     @field_validator("brokers")
@@ -125,8 +130,9 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     except ValidationError as exc:
         lines = [f"invalid BeTrace settings ({exc.error_count()} problem(s)):"]
         for err in exc.errors():
-            loc = "__".join(str(p) for p in err["loc"]).upper()
-            lines.append(f"  BETRACE_{loc}: {err['msg']} (got {err.get('input')!r})")
+            key = ".".join(str(p) for p in err["loc"])
+            env = "BETRACE_" + "__".join(str(p) for p in err["loc"]).upper()
+            lines.append(f"  {env} ({key}): {err['msg']} (got {err.get('input')!r})")
         raise ConfigError("\n".join(lines)) from None
     except tomllib.TOMLDecodeError as exc:
         msg = f"config file {path} is not valid TOML: {exc}"
@@ -142,8 +148,6 @@ def settings_env(settings: Settings) -> dict[str, str]:
         if isinstance(value, BaseModel):
             for sub, subvalue in value:
                 env[f"BETRACE_{name.upper()}__{sub.upper()}"] = str(subvalue)
-        elif isinstance(value, SecretStr):
-            env[f"BETRACE_{name.upper()}"] = value.get_secret_value()
         else:
             env[f"BETRACE_{name.upper()}"] = str(value)
     return env

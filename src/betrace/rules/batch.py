@@ -88,7 +88,8 @@ class BatchContext:
         self.traces = Grouping(self.codes, self.ntraces)
         self._columns: dict[str, pa.Array] = {}
         self._memo: dict[object, object] = {}
-        self._raw: dict[tuple[Scope, str], Typed] = {}
+        self._raw: dict[tuple[Scope, str], pa.Array] = {}
+        self._typed: dict[tuple[Scope, str], Typed] = {}
         self._lock = threading.RLock()
         self.all_false: pa.Array = pa.repeat(pa.scalar(False), self.n)
         self.all_true: pa.Array = pa.repeat(pa.scalar(True), self.n)
@@ -149,25 +150,42 @@ class BatchContext:
 
     def attribute(self, scope: Scope, key: str) -> Typed:
         with self._lock:
+            typed = self._typed.get((scope, key))
+            if typed is not None:
+                return typed
             if (scope, key) not in self._raw:
                 self._extract(scope, [key])
-            return self._raw[scope, key]
+            # Decode lazily: the tenant-wide prefetch may cover keys no rule reads now.
+            raw = self._raw[scope, key]
+            if scope == "span":
+                typed = decode(raw)
+            else:
+                encoded = self._resource_encoding()
+                distinct = decode(raw, with_elements=False)
+                typed = Typed(
+                    num=pc.take(distinct.num, encoded.indices),
+                    text=pc.take(distinct.text, encoded.indices),
+                    flag=pc.take(distinct.flag, encoded.indices),
+                    present=pc.take(distinct.present, encoded.indices),
+                )
+            self._typed[scope, key] = typed
+            return typed
+
+    def _resource_encoding(self) -> pa.DictionaryArray:
+        def compute() -> pa.DictionaryArray:
+            return pc.dictionary_encode(self.column("resource_attributes"))
+
+        result = self.memo("resource_encoding", compute)
+        assert isinstance(result, pa.DictionaryArray)
+        return result
 
     def _extract(self, scope: Scope, keys: list[str]) -> None:
         if scope == "span":
-            for key, raw in extract_raw(self.column("attributes"), keys).items():
-                self._raw[scope, key] = decode(raw)
+            self._raw.update({(scope, k): v for k, v in extract_raw(self.column("attributes"), keys).items()})
             return
         # Resource attributes repeat per span: parse each distinct document once.
-        encoded = pc.dictionary_encode(self.column("resource_attributes"))
-        for key, raw in extract_raw(encoded.dictionary, keys).items():
-            distinct = decode(raw, with_elements=False)
-            self._raw[scope, key] = Typed(
-                num=pc.take(distinct.num, encoded.indices),
-                text=pc.take(distinct.text, encoded.indices),
-                flag=pc.take(distinct.flag, encoded.indices),
-                present=pc.take(distinct.present, encoded.indices),
-            )
+        distinct = self._resource_encoding().dictionary
+        self._raw.update({(scope, k): v for k, v in extract_raw(distinct, keys).items()})
 
     # -- per-group aggregation -----------------------------------------------
 
@@ -217,11 +235,17 @@ class BatchContext:
         """Row of each span's parent within its trace (int32, null for roots/orphans)."""
 
         def compute() -> pa.Array:
-            rows = self.arange(self.n)
-            child = pa.table({"c": self.codes, "p": self.column("parent_span_id"), "i": rows})
-            parent = pa.table({"c": self.codes, "p": self.column("span_id"), "j": rows})
-            joined = child.join(parent, keys=["c", "p"], join_type="inner", use_threads=False)
-            return self.scatter(joined.column("i"), joined.column("j"), self.n, None)
+            span_ids = self.column("span_id")
+            parents = self.column("parent_span_id")
+            found = pc.index_in(parents, value_set=span_ids)
+            crossed = pc.not_equal(pc.take(self.codes, found), self.codes)
+            if not pc.any(crossed).as_py():
+                return found
+            # A span id repeats across traces: key by "trace code/span id" instead.
+            prefix = pc.binary_join_element_wise(pc.cast(self.codes, pa.string()), "", "/")
+            own = pc.binary_join_element_wise(prefix, span_ids, "")
+            wanted = pc.binary_join_element_wise(prefix, parents, "")
+            return pc.index_in(wanted, value_set=own)
 
         result = self.memo("parent", compute)
         assert isinstance(result, pa.Array)
@@ -273,16 +297,18 @@ class BatchContext:
         if len(flagged) == 0:
             return []
         keep = pc.and_(evidence, self.spread(per_trace)).fill_null(False)
-        grouped = (
-            pa.table({"c": pc.filter(self.codes, keep), "s": pc.filter(self.column("span_id"), keep)})
-            .group_by("c", use_threads=False)
-            .aggregate([("s", "list")])
-        )
-        spans = dict(zip(grouped.column("c").to_pylist(), grouped.column("s_list").to_pylist(), strict=True))
-        trace_ids = self.trace_ids
-        result = []
-        for code in flagged.to_pylist():
-            text = message if isinstance(message, str) else message(code)
-            ids = tuple(sorted(spans.get(code, ())))
-            result.append(Violation(trace_id=trace_ids[code].as_py(), span_ids=ids, message=text))
-        return result
+        cited = pa.table({"c": pc.filter(self.codes, keep), "s": pc.filter(self.column("span_id"), keep)})
+        cited = cited.take(pc.sort_indices(cited, [("c", "ascending"), ("s", "ascending")]))
+        spans: dict[int, list[str]] = {}
+        for code, span_id in zip(cited.column("c").to_pylist(), cited.column("s").to_pylist(), strict=True):
+            spans.setdefault(code, []).append(span_id)
+        trace_ids = pc.take(self.trace_ids, flagged).to_pylist()
+        if isinstance(message, str):
+            return [
+                Violation(trace_id=trace_id, span_ids=tuple(spans.get(code, ())), message=message)
+                for code, trace_id in zip(flagged.to_pylist(), trace_ids, strict=True)
+            ]
+        return [
+            Violation(trace_id=trace_id, span_ids=tuple(spans.get(code, ())), message=message(code))
+            for code, trace_id in zip(flagged.to_pylist(), trace_ids, strict=True)
+        ]

@@ -21,7 +21,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-_NUM_FIRST = pa.array(list("-0123456789"))
+_NUM_FIRST = pa.array([c.encode() for c in "-0123456789"], pa.binary())
 _NULL_STR = pa.scalar(None, pa.string())
 _NULL_BOOL = pa.scalar(None, pa.bool_())
 _local = threading.local()
@@ -117,20 +117,24 @@ def extract_raw(column: pa.Array, keys: list[str]) -> dict[str, pa.Array]:
 
 def decode(raw: pa.Array, *, with_elements: bool = True) -> Typed:
     """Split raw JSON values into a :class:`Typed` (arrays into ``elements``)."""
-    first = pc.utf8_slice_codeunits(raw, 0, 1)
-    is_str = pc.equal(first, '"')
-    text = pc.if_else(is_str, pc.utf8_slice_codeunits(raw, 1, -1), _NULL_STR)
+    # The first byte tells the JSON type; byte slicing is safe as it is ASCII.
+    raw_bytes = raw.view(pa.binary())
+    first = pc.binary_slice(raw_bytes, 0, 1)
+    is_str = pc.equal(first, b'"')
+    text = pc.if_else(is_str, pc.binary_slice(raw_bytes, 1, -1), pa.scalar(None, pa.binary()))
+    text = text.view(pa.string())
     escaped = pc.and_(is_str, pc.match_substring(raw, "\\")).fill_null(False)
     if pc.any(escaped).as_py():
         rows = pc.indices_nonzero(escaped)
         sql = "SELECT json_extract_string(j, '$') FROM betrace_json"
         sub = _query_column(pc.take(raw, rows), sql)
         text = pc.replace_with_mask(text, escaped, sub.column(0).combine_chunks())
-    num = pc.cast(pc.if_else(pc.is_in(first, value_set=_NUM_FIRST), raw, _NULL_STR), pa.float64())
+    is_num = pc.is_in(first, value_set=_NUM_FIRST)
+    num = pc.cast(pc.if_else(is_num, raw, _NULL_STR), pa.float64())
     flag = pc.if_else(pc.equal(raw, "true"), True, pc.if_else(pc.equal(raw, "false"), False, _NULL_BOOL))
     present = pc.not_equal(raw, "null").fill_null(False)
     elements = None
-    is_array = pc.equal(first, "[").fill_null(False)
+    is_array = pc.equal(first, b"[").fill_null(False)
     if with_elements and pc.any(is_array).as_py():
         rows = pc.indices_nonzero(is_array).cast(pa.int64())
         sub = _query_column(
