@@ -25,13 +25,15 @@ RULES: list[tuple[str, str]] = [
     ("betrace", "when { count(http.request) != count(http.response) } never { orphaned_request }"),
     (
         "betrace",
-        'when { api.request.where(endpoint matches "/api/v1/admin/.*") } always { auth.check_admin } never { auth.bypass }',
+        'when { api.request.where(endpoint matches "/api/v1/admin/.*") } '
+        "always { auth.check_admin } never { auth.bypass }",
     ),
     ("betrace", "when { db.query.where(db.system == postgresql and rows > 500) } always { cache.lookup }"),
     ("betrace", "when { {span.http.status_code >= 500} } always { error.logged }"),
     (
         "betrace",
-        "when { payment.charge_card.where(currency in [USD, EUR]) and not payment.refund } always { payment.receipt }",
+        "when { payment.charge_card.where(currency in [USD, EUR]) and not payment.refund } "
+        "always { payment.receipt }",
     ),
     ("betrace", "when { count(http.retry) > 3 } always { circuit_breaker.open }"),
     ("traceql", '{ span.http.status_code >= 500 && resource.service.name = "frontend" }'),

@@ -11,6 +11,7 @@ producer before it commits, so offsets never run ahead of the sinks.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from typing import Any
@@ -206,10 +207,12 @@ class Pipeline:
         await self.signal_sink.flush()
 
     async def _publish(self, docs: list[dict[str, Any]]) -> None:
-        for doc in docs:
-            await self.signals_topic.send(key=doc["signal_id"].encode(), value=dumps(doc))
-        # Marking a signal emitted must follow its delivery, not its buffering.
-        await self.app.producer.flush()
+        pending = [
+            await self.signals_topic.send(key=doc["signal_id"].encode(), value=dumps(doc)) for doc in docs
+        ]
+        # Marking a signal emitted must follow its delivery, not its buffering; waiting on
+        # these records alone keeps the sink off the rest of the producer's traffic.
+        await asyncio.gather(*pending)
 
 
 def build_pipeline(settings: Settings, rules: RuleSet, hooks: StageHooks | None = None) -> Pipeline:

@@ -66,6 +66,11 @@ class _Compiled:
             result[violation.trace_id] = Verdict.VIOLATION
         return result
 
+    def deadline_ns(self, traces: pa.Table) -> dict[str, int]:
+        """Only ordering rules wait for a deadline; every other verdict is final at once."""
+        del traces
+        return {}
+
     def _pending(self, traces: pa.Table, now_ns: int | None) -> list[str]:
         del traces, now_ns
         return []

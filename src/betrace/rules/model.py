@@ -48,15 +48,27 @@ class Violation:
 
 
 class CompiledRule(Protocol):
-    """A rule compiled once, evaluated over many traces at a time."""
+    """A rule compiled once, evaluated over many traces at a time.
+
+    ``traces`` follows ``betrace.streams.schemas.SPAN_SCHEMA`` and holds every
+    span of each trace it mentions, all of one tenant.
+    """
 
     @property
     def rule(self) -> Rule: ...
 
-    def evaluate(self, traces: pa.Table) -> list[Violation]:
-        """Return the violations among the complete traces in ``traces``.
+    def evaluate(self, traces: pa.Table, now_ns: int | None = None) -> list[Violation]:
+        """The violations among ``traces``.
 
-        ``traces`` follows ``betrace.streams.schemas.SPAN_SCHEMA`` and holds
-        every span of each trace it mentions, all of one tenant.
+        With ``now_ns``, an ordering rule whose deadline lies after ``now_ns``
+        is still PENDING and not reported; without it every verdict is final.
         """
+        ...
+
+    def verdicts(self, traces: pa.Table, now_ns: int | None = None) -> dict[str, Verdict]:
+        """The verdict of every trace in ``traces``."""
+        ...
+
+    def deadline_ns(self, traces: pa.Table) -> dict[str, int]:
+        """Per trace that is not final yet: when its verdict becomes final."""
         ...

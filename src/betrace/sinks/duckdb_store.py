@@ -82,9 +82,12 @@ class TenantStore:
         self.read_only = read_only
         self._conns: dict[str, duckdb.DuckDBPyConnection] = {}
         self._lock = threading.Lock()
-        # One writer thread: DuckDB work leaves the event loop free, and
-        # writes to a file stay serialised.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="betrace-duckdb")
+        # DuckDB work runs off the event loop. Span appends and signal writes get a
+        # thread each, so small signal batches never queue behind large span batches.
+        self._executors = {
+            lane: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"betrace-duckdb-{lane}")
+            for lane in ("spans", "signals")
+        }
 
     def path(self, tenant: str) -> Path:
         return self.data_dir / f"tenant={tenant}.duckdb"
@@ -118,18 +121,17 @@ class TenantStore:
             raise SinkError(msg) from exc
         return con
 
-    async def run(self, fn: Any, *args: Any) -> Any:
-        """Run a blocking DuckDB call on the writer thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def run(self, fn: Any, *args: Any, lane: str = "spans") -> Any:
+        """Run a blocking DuckDB call on the writer thread of ``lane``."""
+        return await asyncio.get_running_loop().run_in_executor(self._executors[lane], fn, *args)
 
     def insert_spans(self, tenant: str, table: pa.Table) -> int:
         """Append spans; return how many were new."""
         con = self.connection(tenant).cursor()
         try:
             con.register("_batch", table)
-            before = _count(con, "spans")
-            con.execute("INSERT OR IGNORE INTO spans SELECT * FROM _batch")
-            return _count(con, "spans") - before
+            row = con.execute("INSERT OR IGNORE INTO spans SELECT * FROM _batch").fetchone()
+            return int(row[0]) if row else 0
         except duckdb.Error as exc:
             msg = f"tenant {tenant!r}: span insert failed: {exc}"
             raise SinkError(msg) from exc
@@ -194,16 +196,13 @@ class TenantStore:
             con.close()
 
     def close(self) -> None:
+        """Finish in-flight writes, then close every tenant file."""
+        for executor in self._executors.values():
+            executor.shutdown(wait=True)
         with self._lock:
             for con in self._conns.values():
                 con.close()
             self._conns.clear()
-        self._executor.shutdown(wait=True)
-
-
-def _count(con: duckdb.DuckDBPyConnection, table: str) -> int:
-    row = con.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608 - fixed names
-    return int(row[0]) if row else 0
 
 
 class SpanStoreSink(BatchingSink[pa.Table]):

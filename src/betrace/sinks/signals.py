@@ -37,11 +37,15 @@ class SignalSink(BatchingSink[dict[str, Any]]):
         for doc in batch:
             by_tenant.setdefault(doc["tenant"], []).append(doc)
         for tenant, docs in by_tenant.items():
-            pending: list[dict[str, Any]] = await self.store.run(self.store.insert_signals, tenant, docs)
+            pending: list[dict[str, Any]] = await self.store.run(
+                self.store.insert_signals, tenant, docs, lane="signals"
+            )
             if not pending:
                 continue
             await self.publish(pending)
-            await self.store.run(self.store.mark_emitted, tenant, [d["signal_id"] for d in pending])
+            await self.store.run(
+                self.store.mark_emitted, tenant, [d["signal_id"] for d in pending], lane="signals"
+            )
             self.emitted += len(pending)
             for doc in pending:
                 self.hooks.count(

@@ -20,8 +20,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from betrace.errors import DecodeError, KeyDecodeError, ValueDecodeError
 from betrace.streams.schemas import SPAN_SCHEMA
 
-_TENANT_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_TENANT_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+# Arrow int64 columns: a fixed64 timestamp past this would fail the whole batch.
+_MAX_NS = 2**63 - 1
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 _JSON_KIND = {
@@ -146,7 +149,7 @@ def resolve_tenant(record: Record, tenant_header: str, resource_tenant: Any, def
             break
     else:
         tenant = resource_tenant if isinstance(resource_tenant, str) and resource_tenant else default
-    if not _TENANT_RE.match(tenant):
+    if not _TENANT_RE.fullmatch(tenant):
         msg = f"tenant {tenant[:80]!r} must match {_TENANT_RE.pattern}"
         raise ValueDecodeError(msg)
     return tenant
@@ -162,7 +165,7 @@ def check_key(key: bytes | None) -> None:
         text = key.decode("ascii")
     except UnicodeDecodeError:
         text = ""
-    if not _HEX32.match(text.lower()):
+    if not _HEX32.fullmatch(text.lower()):
         msg = f"record key is neither empty nor a trace id: {key[:40]!r}"
         raise KeyDecodeError(msg)
 
@@ -200,7 +203,7 @@ class OtlpDecoder:
                 dead.append(DeadLetter(record, "invalid_span", "; ".join(invalid[:10])))
         return DecodedBatch(spans=cols.table(), dead_letters=dead, records=count)
 
-    def _decode_proto(self, record: Record, cols: _Columns) -> list[str]:
+    def _decode_proto(self, record: Record, cols: _Columns) -> list[str]:  # noqa: PLR0915 - the hot loop stays inline
         request = ExportTraceServiceRequest()
         try:
             request.ParseFromString(record.value)
@@ -236,24 +239,37 @@ class OtlpDecoder:
                     if len(span_id) != 16 or span_id == _ZERO_SPAN:
                         invalid.append(f"span {span.name!r}: invalid span_id {span_id!r}")
                         continue
+                    start, end = span.start_time_unix_nano, span.end_time_unix_nano
+                    if start > _MAX_NS or end > _MAX_NS:
+                        invalid.append(f"span {span_id}: timestamp beyond int64 nanoseconds")
+                        continue
+                    attrs = span.attributes
+                    try:
+                        attr_json = (
+                            dumps({kv.key: _any_value(kv.value) for kv in attrs}).decode() if attrs else "{}"
+                        )
+                    except (orjson.JSONEncodeError, RecursionError) as exc:
+                        invalid.append(f"span {span_id}: attributes not representable: {exc}")
+                        continue
                     parent = span.parent_span_id
+                    kind, status = span.kind, span.status.code
                     c_tenant(tenant)
                     c_trace(trace_id)
                     c_span(span_id)
                     c_parent(parent.hex() if parent else None)
                     c_name(span.name)
                     c_service(service)
-                    c_kind(span.kind)
-                    c_status(span.status.code)
-                    c_start(span.start_time_unix_nano)
-                    c_end(span.end_time_unix_nano)
-                    attrs = span.attributes
-                    c_attrs(dumps({kv.key: _any_value(kv.value) for kv in attrs}).decode() if attrs else "{}")
+                    # Proto3 enums are open; unknown values count as unspecified/unset.
+                    c_kind(kind if 0 <= kind <= 5 else 0)
+                    c_status(status if 0 <= status <= 2 else 0)
+                    c_start(start)
+                    c_end(end)
+                    c_attrs(attr_json)
                     c_rattrs(rjson)
                     c_ts(ts)
         return invalid
 
-    def _decode_json(self, record: Record, cols: _Columns) -> list[str]:
+    def _decode_json(self, record: Record, cols: _Columns) -> list[str]:  # noqa: PLR0915 - mirrors _decode_proto
         try:
             request = orjson.loads(record.value or b"")
         except orjson.JSONDecodeError as exc:
@@ -282,46 +298,56 @@ class OtlpDecoder:
                         name = str(span.get("name", ""))
                         trace_id = str(span.get("traceId", "")).lower()
                         span_id = str(span.get("spanId", "")).lower()
-                        if not _HEX32.match(trace_id) or trace_id == _ZERO_TRACE:
+                        if not _HEX32.fullmatch(trace_id) or trace_id == _ZERO_TRACE:
                             invalid.append(f"span {name!r}: invalid traceId {trace_id[:40]!r}")
                             continue
-                        if len(span_id) != 16 or span_id == _ZERO_SPAN or not _is_hex(span_id):
+                        if not _HEX16.fullmatch(span_id) or span_id == _ZERO_SPAN:
                             invalid.append(f"span {name!r}: invalid spanId {span_id[:40]!r}")
                             continue
-                        kind = span.get("kind", 0)
-                        status = (span.get("status") or {}).get("code", 0)
+                        kind = _json_enum(span.get("kind", 0), _JSON_KIND, 5)
+                        status = _json_enum((span.get("status") or {}).get("code", 0), _JSON_STATUS, 2)
+                        start = int(span.get("startTimeUnixNano", 0))
+                        end = int(span.get("endTimeUnixNano", 0))
+                        if not (0 <= start <= _MAX_NS and 0 <= end <= _MAX_NS):
+                            invalid.append(f"span {span_id}: timestamp outside int64 nanoseconds")
+                            continue
                         attrs = span.get("attributes")
+                        attr_json = (
+                            dumps({kv["key"]: _json_any_value(kv.get("value", {})) for kv in attrs}).decode()
+                            if attrs
+                            else "{}"
+                        )
+                        # Append only once every field converted, so columns stay aligned.
                         cols.tenant.append(tenant)
                         cols.trace_id.append(trace_id)
                         cols.span_id.append(span_id)
                         cols.parent_span_id.append(str(span.get("parentSpanId") or "").lower() or None)
                         cols.name.append(name)
                         cols.service.append(service)
-                        cols.kind.append(_JSON_KIND.get(kind, 0) if isinstance(kind, str) else int(kind))
-                        cols.status_code.append(
-                            _JSON_STATUS.get(status, 0) if isinstance(status, str) else int(status)
-                        )
-                        cols.start_ns.append(int(span.get("startTimeUnixNano", 0)))
-                        cols.end_ns.append(int(span.get("endTimeUnixNano", 0)))
-                        cols.attributes.append(
-                            dumps({kv["key"]: _json_any_value(kv.get("value", {})) for kv in attrs}).decode()
-                            if attrs
-                            else "{}"
-                        )
+                        cols.kind.append(kind)
+                        cols.status_code.append(status)
+                        cols.start_ns.append(start)
+                        cols.end_ns.append(end)
+                        cols.attributes.append(attr_json)
                         cols.resource_attributes.append(rjson)
                         cols.produced_ms.append(ts)
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        except (
+            AttributeError,
+            KeyError,
+            TypeError,
+            ValueError,
+            orjson.JSONEncodeError,
+            RecursionError,
+        ) as exc:
             msg = f"malformed OTLP/JSON request: {type(exc).__name__}: {exc}"
             raise ValueDecodeError(msg) from None
         return invalid
 
 
-def _is_hex(text: str) -> bool:
-    try:
-        int(text, 16)
-    except ValueError:
-        return False
-    return True
+def _json_enum(value: Any, names: dict[str, int], highest: int) -> int:
+    """An OTLP/JSON enum given by name or number; unknown values count as 0 (unset)."""
+    number = names.get(value, 0) if isinstance(value, str) else int(value)
+    return number if 0 <= number <= highest else 0
 
 
 def _truncate(cols: _Columns, length: int) -> None:

@@ -61,6 +61,7 @@ def test_caret_points_inside_line() -> None:
         ("{ } | rate()", "traceql", "metrics function 'rate' is not supported", 7),
         ('{ } | count() > "x"', "traceql", "expected a number or duration", 15),
         ("{ 1 = 2 }", "traceql", "needs at least one field", 5),
+        ("{ (span.x = 1) + 2 > 3 }", "traceql", "not a condition", 16),
         ("{ } >", "traceql", "expected '{' to start a spanset filter", 6),
         ("a followed_by b", "sequence", "expected 'within'", 16),
         ("a followed_by b within 30", "sequence", "expected a duration", 24),

@@ -216,7 +216,6 @@ class DslParser(Parser):
             self.error("expected an attribute name")
         name, _ = self.dotted_name("an attribute name")
         field = f.Field("dsl", name)
-        op_tok = self.tok
         negate = False
         if self.at_word("not") and self.peek().text == "in":
             self.advance()

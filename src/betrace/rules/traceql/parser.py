@@ -213,13 +213,15 @@ class TraceQLParser(Parser):
         return self._c_cmp()
 
     def _c_cmp(self) -> f.Expr:
+        left_tok = self.tok
         left = self.parse_value()
         if not self.at_op(*COMPARISONS):
             return left
+        self._operand(left, left_tok)
         op_tok = self.advance()
         op = "=" if op_tok.text == "==" else op_tok.text
         value_tok = self.tok
-        right = self.parse_value()
+        right = self._operand(self.parse_value(), value_tok)
         if isinstance(left, f.Literal) and isinstance(right, f.Literal):
             self.fail("a comparison needs at least one field", op_tok)
         if isinstance(left, f.Literal):
@@ -255,7 +257,15 @@ class TraceQLParser(Parser):
                 return self._arith(op, left, self._power())
         return left
 
+    def _operand(self, expr: f.Expr, tok: Token) -> f.Expr:
+        """Reject conditions where a value is needed, e.g. ``(a = 1) + 2``."""
+        if not isinstance(expr, f.Field | f.Literal | f.Arith):
+            self.fail("expected a value (field, number, string, ...), not a condition", tok)
+        return expr
+
     def _arith(self, op: Token, left: f.Expr, right: f.Expr) -> f.Expr:
+        self._operand(left, op)
+        self._operand(right, op)
         for side in (left, right):
             if isinstance(side, f.Literal) and side.kind not in ("number", "duration"):
                 self.fail(f"arithmetic {op.text!r} needs numbers", op)
