@@ -13,6 +13,7 @@ import pytest
 
 from betrace.cli.demo import demo_settings
 from betrace.config import Settings, load_settings
+from betrace.dev.kafka import LocalKafka
 from betrace.streams.admin import ensure_topics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,19 +21,16 @@ TEST_KAFKA_PORT = int(os.environ.get("BETRACE_TEST_KAFKA_PORT", "19392"))
 
 
 @pytest.fixture(scope="session")
-def kafka_brokers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Bootstrap servers of a real broker.
+def local_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka | None]:
+    """The repo's own Apache Kafka broker, or None when ``BETRACE_TEST_BROKERS`` is set.
 
     ``BETRACE_TEST_BROKERS`` points the suite at an existing cluster (for
     example one started by testcontainers where Docker exists); otherwise
-    the repo's own LocalKafka starts Apache Kafka from the Maven jars.
+    LocalKafka starts Apache Kafka from the Maven jars.
     """
-    external = os.environ.get("BETRACE_TEST_BROKERS")
-    if external:
-        yield external
+    if os.environ.get("BETRACE_TEST_BROKERS"):
+        yield None
         return
-    from betrace.dev.kafka import LocalKafka
-
     kafka = LocalKafka(
         tmp_path_factory.mktemp("kafka"),
         port=TEST_KAFKA_PORT,
@@ -41,9 +39,17 @@ def kafka_brokers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     kafka.up()
     try:
-        yield kafka.bootstrap_servers
+        yield kafka
     finally:
         kafka.down(clean=True)
+
+
+@pytest.fixture(scope="session")
+def kafka_brokers(local_kafka: LocalKafka | None) -> str:
+    """Bootstrap servers of the real broker the integration tests use."""
+    if local_kafka is None:
+        return os.environ["BETRACE_TEST_BROKERS"]
+    return local_kafka.bootstrap_servers
 
 
 @pytest.fixture

@@ -39,13 +39,28 @@ class _LogfmtFormatter(logging.Formatter):
         return line
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at emit time (test runners swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        del value
+
+
 def configure_logging(level: str = "INFO", fmt: Literal["text", "json", "logfmt"] = "text") -> logging.Logger:
     """Install one stderr handler on the package logger (idempotent)."""
     logger = logging.getLogger(PACKAGE_LOGGER)
     logger.setLevel(level)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     elif fmt == "logfmt":

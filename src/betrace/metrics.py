@@ -37,7 +37,88 @@ METRICS: tuple[MetricSpec, ...] = (
     ),
     MetricSpec("betrace_sink_rows_total", "counter", "rows", "rows written by a sink", ("sink",)),
     MetricSpec("betrace_sink_flush_seconds", "histogram", "seconds", "sink flush latency", ("sink",)),
+    MetricSpec("betrace_batch_size", "histogram", "records", "records per stage batch", ("stage",)),
+    MetricSpec("betrace_evaluate_seconds", "histogram", "seconds", "rule evaluation per batch", ("stage",)),
+    MetricSpec(
+        "betrace_signals_emitted_total", "counter", "signals", "signals published", ("rule", "severity")
+    ),
+    MetricSpec(
+        "betrace_produce_to_signal_seconds",
+        "histogram",
+        "seconds",
+        "from the trace's last input record to its signal",
+        ("tenant",),
+    ),
+    MetricSpec("betrace_windows", "gauge", "windows", "trace windows held", ("stage",)),
+    MetricSpec("betrace_bytes_held", "gauge", "bytes", "span bytes held by assembly", ("stage",)),
+    MetricSpec("betrace_late_spans_total", "counter", "spans", "spans after their trace closed", ("stage",)),
+    MetricSpec(
+        "betrace_late_span_age_seconds",
+        "histogram",
+        "seconds",
+        "late span after its trace's close",
+        ("stage",),
+    ),
+    MetricSpec(
+        "betrace_late_verdict_changes_total",
+        "counter",
+        "signals",
+        "late spans turned pass to violation",
+        ("stage",),
+    ),
+    MetricSpec(
+        "betrace_windows_evaluated_total", "counter", "windows", "trace windows evaluated", ("stage",)
+    ),
+    MetricSpec("betrace_checkpoints_total", "counter", "writes", "open-trace state saved", ("stage",)),
+    MetricSpec(
+        "betrace_assembly_limit_total",
+        "counter",
+        "traces",
+        "traces closed early by a limit",
+        ("stage", "reason"),
+    ),
+    MetricSpec(
+        "betrace_spans_dropped_total", "counter", "spans", "spans dropped by a limit", ("stage", "reason")
+    ),
+    MetricSpec(
+        "betrace_replayed_spans_skipped_total",
+        "counter",
+        "spans",
+        "replayed spans already in state",
+        ("stage",),
+    ),
+    MetricSpec(
+        "betrace_decisions_evicted_total",
+        "counter",
+        "traces",
+        "verdicts forgotten before their time",
+        ("stage",),
+    ),
+    MetricSpec("betrace_breaker_state", "gauge", "state", "0 closed, 1 half-open, 2 open", ("breaker",)),
+    MetricSpec("betrace_cache_hits_total", "counter", "lookups", "cache hits", ("cache",)),
+    MetricSpec("betrace_cache_misses_total", "counter", "lookups", "cache misses", ("cache",)),
+    MetricSpec("betrace_spool_depth", "gauge", "items", "writes waiting in the local spool", ("spool",)),
+    MetricSpec(
+        "betrace_consumer_lag",
+        "gauge",
+        "records",
+        "end offset minus committed offset",
+        ("group", "topic", "partition"),
+    ),
+    MetricSpec(
+        "betrace_consumer_committed_offset",
+        "gauge",
+        "offset",
+        "committed offset",
+        ("group", "topic", "partition"),
+    ),
+    MetricSpec(
+        "betrace_consumer_end_offset", "gauge", "offset", "log end offset", ("group", "topic", "partition")
+    ),
+    MetricSpec("betrace_consumer_group_lagging", "gauge", "bool", "1 when total lag > threshold", ("group",)),
 )
+
+METRICS_BY_NAME: dict[str, MetricSpec] = {m.name: m for m in METRICS}
 
 
 class StageHooks(Protocol):

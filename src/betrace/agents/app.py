@@ -14,25 +14,34 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from typing import Any
+from typing import Any, cast
 
 import faust
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from betrace.agents.assemble import TraceAssembler
+from betrace.agents.assemble import DECISIONS_TABLE, TRACES_TABLE, ClosedTraces, TraceAssembler
 from betrace.agents.evaluate import EvaluateStage
 from betrace.agents.ingest import IngestStage
 from betrace.config import Settings
 from betrace.errors import DecodeError
 from betrace.metrics import InMemoryHooks, StageHooks
-from betrace.rules.loader import RuleSet
+from betrace.rules.loader import RuleSource
 from betrace.sinks.duckdb_store import SpanStoreSink, TenantStore
 from betrace.sinks.signals import SignalSink
 from betrace.streams.admin import MAX_MESSAGE_BYTES
 from betrace.streams.codecs import dumps, ipc_to_table, loads, table_to_ipc
 from betrace.streams.otlp import Record
-from betrace.streams.topics import dead_letter_headers, partition_of, verdicts_topic
+from betrace.streams.topics import (
+    DLQ_DETAIL,
+    DLQ_OFFSET,
+    DLQ_PARTITION,
+    DLQ_REASON,
+    DLQ_TOPIC,
+    dead_letter_headers,
+    partition_of,
+    verdicts_topic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +90,7 @@ def _tables(events: list[Any], step: str) -> list[tuple[Any, pa.Table]]:
 class Pipeline:
     """The faust app and the stage objects behind its agents."""
 
-    def __init__(self, settings: Settings, rules: RuleSet, hooks: StageHooks | None = None) -> None:
+    def __init__(self, settings: Settings, rules: RuleSource, hooks: StageHooks | None = None) -> None:
         self.settings = settings
         self.hooks = hooks or InMemoryHooks()
         topics = settings.topics
@@ -118,7 +127,26 @@ class Pipeline:
             max_trace_age_s=settings.max_trace_age_s,
             max_live_traces=settings.max_live_traces,
             hooks=self.hooks,
+            policy=settings.assembly_policy,
+            # Through the rule source, so that a reloaded rule set is seen at the next window.
+            rules_for=lambda tenant: rules.current().for_tenant(tenant),
+            checkpoint_interval_s=settings.checkpoint_interval_s,
+            decision_cache_max=settings.decision_cache_max_traces,
+            partitions=topics.partitions,
         )
+        # Assembly state: changelog topics on Kafka, co-partitioned with betrace.spans
+        # (entries are written to their trace's partition, see assembly/state.py).
+        self.state_tables = {
+            name: self.app.Table(
+                name,
+                partitions=topics.partitions,
+                key_type=bytes,
+                value_type=bytes,
+                on_recover=self._restore_state,
+            )
+            for name in (TRACES_TABLE, DECISIONS_TABLE)
+        }
+        self._held_partition: dict[int, int] = {}
         self.evaluate = EvaluateStage(rules, self.hooks)
         self.store = TenantStore(settings.data_dir)
         self.span_sink = SpanStoreSink(self.store, max_rows=settings.store_flush_rows, hooks=self.hooks)
@@ -148,6 +176,7 @@ class Pipeline:
         agent(self.verdicts_topic, "betrace.sink.signals", self._on_verdicts)
         interval = min(0.25, self.settings.idle_timeout_s / 4)
         self.app.timer(interval, name="betrace.assemble.close")(self.close_traces)
+        self.app.on_partitions_revoked.connect(cast(Any, self._on_revoked))  # mode signal typing
 
     async def _on_input(self, events: list[Any]) -> None:
         result = self.ingest.process([_record(e) for e in events])
@@ -165,24 +194,89 @@ class Pipeline:
             # Hold the message un-acked until all its traces are closed and forwarded.
             event.message.incref()
             self._held[seq] = event
-            self.assembler.add(table, seq)
+            self._held_partition[seq] = event.message.partition
+            self.assembler.add(table, seq, partition=event.message.partition, offset=event.message.offset)
 
     async def close_traces(self) -> None:
-        """Forward the traces that are due, then release the messages they came from."""
+        """Forward what is due, save the state, then release the messages it came from.
+
+        Order matters for exactly-once effects: traces and signals are delivered
+        before the state that says they were (a crash in between re-closes the
+        trace and the sinks drop the duplicates), and the state is delivered
+        before the input messages are acknowledged.
+        """
         closed = self.assembler.close_due()
         if closed is None:
             return
+        await asyncio.gather(*await self._emit(closed))
+        await asyncio.gather(
+            *[
+                await self.state_tables[w.table].changelog_topic.send(
+                    key=w.key.encode(), value=w.value, partition=w.partition
+                )
+                for w in closed.writes
+            ]
+        )
+        for seq in closed.released:
+            event = self._held.pop(seq, None)
+            self._held_partition.pop(seq, None)
+            if event is not None:
+                event.ack()
+
+    async def _emit(self, closed: ClosedTraces) -> list[Any]:
+        pending = []
         spans = closed.spans
         if spans.num_rows:
             partitions = self.settings.topics.partitions
             parts = pa.array(partition_of(spans.column("trace_id").to_pylist(), partitions), pa.int32())
             for p in pc.unique(parts).to_pylist():
                 for chunk in chunk_by_trace(spans.filter(pc.equal(parts, p)), MAX_ROWS_PER_MESSAGE):
-                    await self.traces_topic.send(value=table_to_ipc(chunk), partition=p)
-        for seq in closed.released:
-            event = self._held.pop(seq, None)
-            if event is not None:
-                event.ack()
+                    pending.append(await self.traces_topic.send(value=table_to_ipc(chunk), partition=p))
+        for doc in closed.signals:
+            pending.append(await self.verdicts_topic.send(key=doc["signal_id"].encode(), value=dumps(doc)))
+        for dropped in closed.dropped:
+            headers = [
+                (DLQ_REASON, dropped.reason.encode()),
+                (
+                    DLQ_DETAIL,
+                    f"tenant={dropped.tenant} trace_id={dropped.trace_id} {dropped.detail}".encode(),
+                ),
+                (DLQ_TOPIC, self.settings.topics.spans.encode()),
+                (DLQ_PARTITION, b"-1"),
+                (DLQ_OFFSET, b"-1"),
+            ]
+            for chunk in chunk_by_trace(dropped.spans, MAX_ROWS_PER_MESSAGE):
+                value = table_to_ipc(chunk)
+                pending.append(
+                    await self.dlq_topic.send(key=dropped.trace_id.encode(), value=value, headers=headers)
+                )
+            self.hooks.count("betrace_dead_letters_total", stage="assemble", reason=dropped.reason)
+        return pending
+
+    async def _restore_state(self) -> None:
+        """After recovery: load the recovered assembly state, then drop the raw copy."""
+        restored = 0
+        for name, table in self.state_tables.items():
+            store = table.data
+            for key, value in list(store.items()):
+                if value is not None:
+                    self.assembler.restore(name, bytes(key).decode(), bytes(value))
+                    restored += 1
+            store.clear()
+        if restored:
+            logger.info("assemble: restored %d assembly state entries from the changelog", restored)
+
+    async def _on_revoked(self, sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+        """Revoked partitions: their new owner recovers the state and replays the input."""
+        del sender, signal
+        revoked = args[0] if args else kwargs.get("revoked", ())
+        spans = {tp.partition for tp in revoked if tp.topic == self.settings.topics.spans}
+        if not spans:
+            return
+        for seq in self.assembler.drop_partitions(spans):
+            self._held.pop(seq, None)
+            self._held_partition.pop(seq, None)
+        logger.info("assemble: partitions %s revoked; their open traces were dropped", sorted(spans))
 
     async def _on_spans_store(self, events: list[Any]) -> None:
         for _, table in _tables(events, "span store"):
@@ -215,6 +309,6 @@ class Pipeline:
         await asyncio.gather(*pending)
 
 
-def build_pipeline(settings: Settings, rules: RuleSet, hooks: StageHooks | None = None) -> Pipeline:
+def build_pipeline(settings: Settings, rules: RuleSource, hooks: StageHooks | None = None) -> Pipeline:
     """Create the faust app for ``settings`` with every stage registered."""
     return Pipeline(settings, rules, hooks)

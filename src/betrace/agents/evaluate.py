@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from betrace.metrics import StageHooks
-from betrace.rules.loader import RuleSet
+from betrace.rules.loader import RuleSource
 from betrace.rules.model import Rule
 from betrace.streams.schemas import SIGNAL_SCHEMA_VERSION
 from betrace.streams.topics import split_by_tenant
@@ -33,7 +33,9 @@ class EvaluateStage:
 
     step_id = STEP_ID
 
-    def __init__(self, rules: RuleSet, hooks: StageHooks) -> None:
+    def __init__(self, rules: RuleSource, hooks: StageHooks) -> None:
+        # A RuleSet (fixed) or a RuleWatcher (hot reload): read once per batch, so one
+        # batch always sees one complete rule set even while a new one is swapped in.
         self.rules = rules
         self.hooks = hooks
 
@@ -43,8 +45,9 @@ class EvaluateStage:
             return signals
         started = time.perf_counter()
         self.hooks.count("betrace_spans_in_total", traces.num_rows, stage=STEP_ID)
+        ruleset = self.rules.current()
         for tenant, table in split_by_tenant(traces):
-            compiled = self.rules.for_tenant(tenant)
+            compiled = ruleset.for_tenant(tenant)
             if not compiled:
                 continue
             produced = self._produced_ms(table)

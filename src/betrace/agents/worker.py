@@ -7,28 +7,69 @@ import logging
 
 import faust
 
-from betrace.agents.app import build_pipeline
+from betrace.agents.app import Pipeline, build_pipeline
 from betrace.config import Settings
+from betrace.observability.health import HealthChecks, assignment_check, data_dir_check, lag_checks
+from betrace.observability.lag_monitor import LagMonitor
+from betrace.observability.prometheus import PrometheusHooks
+from betrace.observability.web import register_routes
 from betrace.rules.loader import load_rules
+from betrace.rules.watcher import RuleWatcher, cache_path_for
 from betrace.streams.admin import ensure_topics
+from betrace.streams.topics import verdicts_topic
 
 logger = logging.getLogger(__name__)
 
 
+def build_worker(settings: Settings) -> tuple[Pipeline, RuleWatcher, HealthChecks, LagMonitor]:
+    """The pipeline with hot-reloaded rules, metrics, the lag monitor and health routes."""
+    seed = load_rules(settings.rules_dir)  # bad YAML fails here, before any network
+    rules = RuleWatcher(
+        settings.brokers,
+        settings.topics.rules,
+        cache_path=cache_path_for(settings.data_dir, settings.topics.rules),
+        seed=seed.rules,
+        replication_factor=settings.topics.replication_factor,
+    )
+    hooks = PrometheusHooks(max_tenants=settings.metrics_max_tenants)
+    pipeline = build_pipeline(settings, rules, hooks)
+    topics = settings.topics
+    monitor = LagMonitor(
+        settings.brokers,
+        settings.app_id,
+        [topics.input, topics.spans, topics.traces, verdicts_topic(settings)],
+        hooks,
+        threshold=settings.lag_threshold,
+        interval_s=settings.lag_interval_s,
+    )
+    health = HealthChecks()
+    health.add("data_dir", data_dir_check(settings.data_dir))
+    health.add("partitions", assignment_check(pipeline.app))
+    for name, check in lag_checks(monitor).items():
+        health.add(name, check)
+    pipeline.app.timer(settings.lag_interval_s, name="betrace.lag_monitor")(monitor.poll)
+    # Follows the rules topic in faust's loop; faust cancels it at shutdown.
+    pipeline.app.task(rules.run)
+    if settings.web_port:
+        pipeline.app.conf.web_bind = settings.web_bind
+        register_routes(pipeline.app, hooks, health, monitor)
+    return pipeline, rules, health, monitor
+
+
 def run_worker(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT. Bad rules or an unreachable broker fail before start."""
-    rules = load_rules(settings.rules_dir)
+    pipeline, rules, _, _ = build_worker(settings)
     asyncio.run(ensure_topics(settings))
-    pipeline = build_pipeline(settings, rules)
+    # Nothing may be evaluated rule-less: read the rules topic to its end first.
+    asyncio.run(rules.prime())
     logger.info(
-        "worker %s starting: brokers=%s input=%s (%s) rules=%d tenants=%s data=%s",
+        "worker %s starting: brokers=%s input=%s (%s) data=%s web=%s",
         settings.app_id,
         settings.brokers,
         settings.topics.input,
         settings.topics.input_encoding,
-        len(rules.rules),
-        ",".join(sorted(rules.tenants)) or "-",
         settings.data_dir,
+        f"http://{settings.web_bind}:{settings.web_port}" if settings.web_port else "off",
     )
     worker = faust.Worker(
         pipeline.app,

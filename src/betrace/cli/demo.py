@@ -54,6 +54,7 @@ def demo_settings(base: Settings, run_id: str, data_root: Path, idle_timeout_s: 
         spans=prefix + "spans",
         traces=prefix + "traces",
         signals=prefix + "signals",
+        rules=prefix + "rules",
         dlq=prefix + "dlq",
         partitions=base.topics.partitions,
     )

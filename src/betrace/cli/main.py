@@ -13,6 +13,7 @@ import typer
 from betrace import __version__
 from betrace.cli import demo as demo_cmd
 from betrace.cli import dev as dev_cmd
+from betrace.cli import lag as lag_cmd
 from betrace.cli import rules as rules_cmd
 from betrace.cli.common import STATE, fail_clearly, out, settings
 
@@ -36,6 +37,7 @@ app.add_typer(signals_app, name="signals")
 app.add_typer(dev_cmd.app, name="dev")
 app.add_typer(rules_cmd.app, name="rules")
 app.command("demo")(demo_cmd.demo)
+app.command("lag")(lag_cmd.lag)
 
 
 def _version(value: bool) -> None:

@@ -7,8 +7,11 @@ Nested fields use ``__`` in env names, e.g. ``BETRACE_TOPICS__INPUT=spans``.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +20,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -38,8 +42,43 @@ class TopicSettings(BaseModel):
     traces: str = Field("betrace.traces", min_length=1, description="assemble -> evaluate")
     signals: str = Field("betrace.signals", min_length=1, description="signal output")
     dlq: str = Field("betrace.dlq", min_length=1, description="dead letters")
+    rules: str = Field(
+        "betrace.rules", min_length=1, description="compacted rules topic: every version of every rule"
+    )
     partitions: int = Field(4, ge=1, le=1024, description="partitions of the topics BeTrace creates")
     replication_factor: int = Field(1, ge=1, le=5, description="replication of topics BeTrace creates")
+
+
+class AssemblyOverrides(BaseModel):
+    """Per-tenant overrides of the trace-assembly settings; unset fields use the global value."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    idle_timeout_s: float | None = Field(None, gt=0, le=3600, description="idle time before close")
+    max_trace_age_s: float | None = Field(None, gt=0, description="force-close a trace this old")
+    window_spans: int | None = Field(None, ge=2, le=1_000_000, description="spans per window")
+    window_overlap_pct: float | None = Field(None, ge=0, lt=100, description="window overlap, percent")
+    max_live_traces: int | None = Field(None, ge=1, description="live traces of this tenant")
+    max_trace_bytes: int | None = Field(None, ge=1024, description="span bytes per trace")
+    decision_cache_s: float | None = Field(None, ge=0, description="how long verdicts are remembered")
+
+
+@dataclass(frozen=True, slots=True)
+class AssemblyPolicy:
+    """The effective assembly settings of one tenant (globals with its overrides applied)."""
+
+    idle_timeout_s: float
+    max_trace_age_s: float
+    window_spans: int
+    window_overlap_pct: float
+    max_live_traces: int
+    max_trace_bytes: int
+    decision_cache_s: float
+
+    @property
+    def overlap_spans(self) -> int:
+        """Spans carried into the next window (at most ``window_spans - 1``)."""
+        return min(self.window_spans - 1, round(self.window_spans * self.window_overlap_pct / 100))
 
 
 class Settings(BaseSettings):
@@ -69,6 +108,30 @@ class Settings(BaseSettings):
     idle_timeout_s: float = Field(5.0, gt=0, le=3600, description="close a trace after this idle time")
     max_trace_age_s: float = Field(3600.0, gt=0, description="force-close a trace this old")
     max_live_traces: int = Field(200_000, ge=1, description="per worker; oldest closed early past it")
+    window_spans: int = Field(
+        100, ge=2, le=1_000_000, description="spans per assembly window of a long trace"
+    )
+    window_overlap_pct: float = Field(
+        20.0, ge=0, lt=100, description="percent of a window carried into the next one"
+    )
+    max_live_traces_per_tenant: int = Field(
+        100_000, ge=1, description="live traces per tenant; oldest closed early past it"
+    )
+    max_trace_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="span bytes per trace; evaluated early, later spans dropped"
+    )
+    decision_cache_s: float = Field(
+        300.0, ge=0, description="how long verdicts of closed traces are kept for late spans; 0 disables"
+    )
+    decision_cache_max_traces: int = Field(
+        500_000, ge=0, description="closed traces remembered at most; oldest forgotten first"
+    )
+    checkpoint_interval_s: float = Field(
+        10.0, gt=0, le=3600, description="max time open-trace spans wait before their state is saved"
+    )
+    assembly_tenants: dict[str, AssemblyOverrides] = Field(
+        default_factory=dict, description='per-tenant assembly overrides, e.g. {"acme": {...}}'
+    )
     batch_max_messages: int = Field(500, ge=1, le=100_000, description="records per stage batch")
     batch_max_wait_s: float = Field(0.05, gt=0, le=10, description="max wait to fill a batch")
     store_flush_rows: int = Field(
@@ -77,7 +140,11 @@ class Settings(BaseSettings):
     dedupe_cache_size: int = Field(2_000_000, ge=0, description="recent span keys kept at ingest")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="package log level")
     log_format: Literal["text", "json", "logfmt"] = Field("text", description="log line format on stderr")
-    web_port: int = Field(6066, ge=0, le=65535, description="faust web/metrics port; 0 disables")
+    web_port: int = Field(6066, ge=0, le=65535, description="worker HTTP port (metrics, health); 0 disables")
+    web_bind: str = Field("127.0.0.1", min_length=1, description="address the worker HTTP server binds")
+    metrics_max_tenants: int = Field(100, ge=0, description="distinct tenant label values exported")
+    lag_interval_s: float = Field(5.0, gt=0, le=3600, description="how often the worker measures lag")
+    lag_threshold: int = Field(10_000, ge=0, description="total lag above which a group is lagging")
 
     @field_validator("brokers")
     @classmethod
@@ -103,6 +170,23 @@ class Settings(BaseSettings):
         if config_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
         return tuple(sources)
+
+    def assembly_policy(self, tenant: str) -> AssemblyPolicy:
+        """Assembly settings for ``tenant``: its overrides, else the global values."""
+        o = self.assembly_tenants.get(tenant) or AssemblyOverrides()
+
+        def pick(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        return AssemblyPolicy(
+            idle_timeout_s=pick(o.idle_timeout_s, self.idle_timeout_s),
+            max_trace_age_s=pick(o.max_trace_age_s, self.max_trace_age_s),
+            window_spans=pick(o.window_spans, self.window_spans),
+            window_overlap_pct=pick(o.window_overlap_pct, self.window_overlap_pct),
+            max_live_traces=pick(o.max_live_traces, self.max_live_traces_per_tenant),
+            max_trace_bytes=pick(o.max_trace_bytes, self.max_trace_bytes),
+            decision_cache_s=pick(o.decision_cache_s, self.decision_cache_s),
+        )
 
     @property
     def broker_url(self) -> str:
@@ -134,6 +218,12 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             env = "BETRACE_" + "__".join(str(p) for p in err["loc"]).upper()
             lines.append(f"  {env} ({key}): {err['msg']} (got {err.get('input')!r})")
         raise ConfigError("\n".join(lines)) from None
+    except SettingsError as exc:
+        # e.g. BETRACE_TOPICS='not json': pydantic-settings fails before validation.
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"BETRACE_{field.group(1).upper()}" if field else "a BETRACE_* variable"
+        msg = f"invalid BeTrace settings: {name} could not be parsed ({exc}); nested values take JSON"
+        raise ConfigError(msg) from None
     except tomllib.TOMLDecodeError as exc:
         msg = f"config file {path} is not valid TOML: {exc}"
         raise ConfigError(msg) from None
@@ -148,6 +238,13 @@ def settings_env(settings: Settings) -> dict[str, str]:
         if isinstance(value, BaseModel):
             for sub, subvalue in value:
                 env[f"BETRACE_{name.upper()}__{sub.upper()}"] = str(subvalue)
+        elif isinstance(value, dict):  # e.g. assembly_tenants: pydantic-settings reads JSON
+            env[f"BETRACE_{name.upper()}"] = json.dumps(
+                {
+                    k: v.model_dump(exclude_none=True) if isinstance(v, BaseModel) else v
+                    for k, v in value.items()
+                }
+            )
         else:
             env[f"BETRACE_{name.upper()}"] = str(value)
     return env

@@ -6,6 +6,15 @@ keeps the :class:`BatchContext` of the last few tables (by identity), and
 compiled rules register the attribute keys they read (:func:`register_keys`)
 so that the first rule to touch the attributes extracts the keys of all the
 tenant's rules in a single DuckDB pass.
+
+Many keys are only read under a span name (``db.query.where(rows > 500)``
+needs ``rows`` on ``db.query`` spans only). When all of a tenant's keys are
+like that, they are extracted from just the spans with those names; values
+outside those rows read as absent, which is exact because every such use
+ANDs them with the name test. Once some key is read on any span (a TraceQL
+filter), everything goes into that one pass over all spans instead: DuckDB's
+cost is mostly parsing each document, not extracting one more key.
+Attribute values are decoded lazily, part by part (:class:`~.typed.Typed`).
 """
 
 from __future__ import annotations
@@ -20,9 +29,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from betrace.rules.model import Violation
-from betrace.rules.typed import Typed, decode, extract_raw
+from betrace.rules.typed import Elements, Typed, decode, extract_raw
 
 Scope = Literal["span", "resource"]
+#: An attribute read by a rule: scope, key, and the span name it is read under (None: any span).
+KeyUse = tuple[Scope, str, str | None]
+#: The span names an extraction covers; None: every span.
+Rows = frozenset[str] | None
 #: OTLP SpanKind and StatusCode enum names, indexed by their numeric values.
 KIND_NAMES = ("unspecified", "internal", "server", "client", "producer", "consumer")
 STATUS_NAMES = ("unset", "ok", "error")
@@ -31,28 +44,78 @@ STATUS_NAMES = ("unset", "ok", "error")
 MAX_TREE_DEPTH = 1024
 _CACHE_SIZE = 4
 
-_wanted: dict[tuple[str, Scope], Counter[str]] = defaultdict(Counter)
+_wanted: dict[tuple[str, Scope], Counter[tuple[str, str | None]]] = defaultdict(Counter)
 _wanted_lock = threading.Lock()
 _cache: list[BatchContext] = []
 _cache_lock = threading.Lock()
 
 
-def register_keys(tenant: str, keys: Iterable[tuple[Scope, str]]) -> Callable[[], None]:
+def register_keys(tenant: str, keys: Iterable[KeyUse]) -> Callable[[], None]:
     """Record that a live compiled rule of ``tenant`` reads ``keys``; return the undo."""
-    keys = list(keys)
+    uses = list(keys)
     with _wanted_lock:
-        for scope, key in keys:
-            _wanted[tenant, scope][key] += 1
+        for scope, key, within in uses:
+            _wanted[tenant, scope][key, within] += 1
 
     def unregister() -> None:
         with _wanted_lock:
-            for scope, key in keys:
+            for scope, key, within in uses:
                 counter = _wanted[tenant, scope]
-                counter[key] -= 1
-                if counter[key] <= 0:
-                    del counter[key]
+                counter[key, within] -= 1
+                if counter[key, within] <= 0:
+                    del counter[key, within]
 
     return unregister
+
+
+def _covers(rows: Rows, within: str | None) -> bool:
+    return rows is None or (within is not None and within in rows)
+
+
+@dataclass(frozen=True, slots=True)
+class _Raw:
+    """Raw JSON values of one key on the rows of ``rows`` (all spans when None)."""
+
+    rows: Rows
+    values: pa.Array
+    #: Per span: the index into ``values``, null outside ``rows``; None when ``values`` is per span.
+    positions: pa.Array | None = None
+    #: Per entry of ``values``: its span row (for array elements); None as above.
+    span_rows: pa.Array | None = None
+
+
+def _expand(typed: Typed, raw: _Raw) -> Typed:
+    """Values decoded on ``raw``'s rows, back to one per span (absent elsewhere), lazily."""
+    positions, span_rows = raw.positions, raw.span_rows
+    assert positions is not None
+    assert span_rows is not None
+
+    def spread(part: Callable[[], pa.Array | None]) -> Callable[[], pa.Array | None]:
+        def compute() -> pa.Array | None:
+            values = part()
+            return None if values is None else pc.take(values, positions)
+
+        return compute
+
+    def present() -> pa.Array:
+        values = typed.present
+        if values is None:
+            return pc.is_valid(positions)
+        return pc.take(values, positions).fill_null(False)
+
+    def elements() -> Elements | None:
+        inner = typed.elements
+        if inner is None:
+            return None
+        return Elements(rows=pc.take(span_rows, inner.rows), values=inner.values)
+
+    return Typed.deferred(
+        num=spread(lambda: typed.num),
+        text=spread(lambda: typed.text),
+        flag=spread(lambda: typed.flag),
+        present=present,
+        elements=elements,
+    )
 
 
 def context_for(table: pa.Table) -> BatchContext:
@@ -88,8 +151,8 @@ class BatchContext:
         self.traces = Grouping(self.codes, self.ntraces)
         self._columns: dict[str, pa.Array] = {}
         self._memo: dict[object, object] = {}
-        self._raw: dict[tuple[Scope, str], pa.Array] = {}
-        self._typed: dict[tuple[Scope, str], Typed] = {}
+        self._raw: dict[tuple[Scope, str], _Raw] = {}
+        self._typed: dict[tuple[Scope, str], tuple[Rows, Typed]] = {}
         self._lock = threading.RLock()
         self.all_false: pa.Array = pa.repeat(pa.scalar(False), self.n)
         self.all_true: pa.Array = pa.repeat(pa.scalar(True), self.n)
@@ -99,7 +162,9 @@ class BatchContext:
     def column(self, name: str) -> pa.Array:
         col = self._columns.get(name)
         if col is None:
-            col = self.table.column(name).combine_chunks()
+            chunked = self.table.column(name)
+            # combine_chunks copies even a single chunk; most batches have one.
+            col = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
             self._columns[name] = col
         return col
 
@@ -118,6 +183,10 @@ class BatchContext:
         assert isinstance(result, pa.Array)
         return result
 
+    def rows_mask(self, rows: pa.Array) -> pa.Array:
+        """Mask of the spans whose row numbers are in ``rows``."""
+        return pc.is_in(self.arange(self.n), value_set=rows.cast(pa.int32()))
+
     def name_is(self, name: str) -> pa.Array:
         result = self.memo(("name", name), lambda: pc.equal(self.column("name"), name))
         assert isinstance(result, pa.Array)
@@ -133,43 +202,87 @@ class BatchContext:
 
     # -- attributes ------------------------------------------------------------
 
-    def prefetch(self, tenant: str, keys: Iterable[tuple[Scope, str]]) -> None:
-        """Extract ``keys`` (plus the tenant's registered keys) in one pass per scope."""
-        needed: dict[Scope, set[str]] = defaultdict(set)
-        for scope, key in keys:
-            needed[scope].add(key)
+    def prefetch(self, tenant: str, keys: Iterable[KeyUse]) -> None:
+        """Extract ``keys`` plus the tenant's registered keys (see the module docstring)."""
         with self._lock:
-            for scope, wanted in needed.items():
-                missing = {k for k in wanted if (scope, k) not in self._raw}
-                if not missing:
-                    continue
-                with _wanted_lock:
-                    missing |= set(_wanted.get((tenant, scope), ()))
-                missing = {k for k in missing if (scope, k) not in self._raw}
-                self._extract(scope, sorted(missing))
+            own = [use for use in keys if not self._has(use)]
+            if not own:
+                return
+            uses = set(own)
+            with _wanted_lock:
+                for scope in ("span", "resource"):
+                    uses |= {(scope, k, w) for k, w in _wanted.get((tenant, scope), ())}
+            rows: dict[tuple[Scope, str], Rows] = {}
+            for scope, key, within in uses:
+                if scope == "resource" or within is None:
+                    rows[scope, key] = None
+                elif rows.get((scope, key), frozenset()) is not None:
+                    rows[scope, key] = (rows.get((scope, key)) or frozenset()) | {within}
+            todo = {k: r for k, r in rows.items() if not self._has_rows(k, r)}
+            if any(r is None for (sc, _), r in todo.items() if sc == "span"):
+                # Parsing each document dominates: with a pass over every span needed
+                # anyway, the named keys ride along almost for free.
+                todo = dict.fromkeys(todo)
+            for part in ("span", "resource"):
+                full = sorted(k for (sc, k), r in todo.items() if sc == part and r is None)
+                if full:
+                    self._extract("span" if part == "span" else "resource", full, None)
+            named = [(k, r) for (sc, k), r in todo.items() if r is not None]
+            if named:
+                union = frozenset().union(*(r for _, r in named))
+                self._extract("span", sorted(k for k, _ in named), union)
 
-    def attribute(self, scope: Scope, key: str) -> Typed:
+    def _has(self, use: KeyUse) -> bool:
+        raw = self._raw.get((use[0], use[1]))
+        return raw is not None and _covers(raw.rows, use[2])
+
+    def _has_rows(self, key: tuple[Scope, str], rows: Rows) -> bool:
+        raw = self._raw.get(key)
+        if raw is None:
+            return False
+        return raw.rows is None or (rows is not None and rows <= raw.rows)
+
+    def attribute(self, scope: Scope, key: str, within: str | None = None) -> Typed:
+        """The values of attribute ``key``; with ``within``, only exact on spans named so."""
         with self._lock:
-            typed = self._typed.get((scope, key))
-            if typed is not None:
-                return typed
-            if (scope, key) not in self._raw:
-                self._extract(scope, [key])
+            cached = self._typed.get((scope, key))
+            if cached is not None and _covers(cached[0], within):
+                return cached[1]
+            raw = self._raw.get((scope, key))
+            if raw is None or not _covers(raw.rows, within):
+                rows = None if within is None or scope == "resource" else frozenset({within})
+                if rows is not None and raw is not None and raw.rows is not None:
+                    rows |= raw.rows
+                self._extract(scope, [key], rows)
+                raw = self._raw[scope, key]
             # Decode lazily: the tenant-wide prefetch may cover keys no rule reads now.
-            raw = self._raw[scope, key]
-            if scope == "span":
-                typed = decode(raw)
+            if scope == "resource":
+                typed = self._spread_resource(decode(raw.values, with_elements=False))
+            elif raw.positions is None:
+                typed = decode(raw.values)
             else:
-                encoded = self._resource_encoding()
-                distinct = decode(raw, with_elements=False)
-                typed = Typed(
-                    num=pc.take(distinct.num, encoded.indices),
-                    text=pc.take(distinct.text, encoded.indices),
-                    flag=pc.take(distinct.flag, encoded.indices),
-                    present=pc.take(distinct.present, encoded.indices),
-                )
-            self._typed[scope, key] = typed
+                typed = _expand(decode(raw.values), raw)
+            self._typed[scope, key] = (raw.rows, typed)
             return typed
+
+    def _spread_resource(self, distinct: Typed) -> Typed:
+        """Per-distinct-document values back to one per span, part by part on demand."""
+        indices = self._resource_encoding().indices
+
+        def spread(part: Callable[[], pa.Array | None]) -> Callable[[], pa.Array | None]:
+            def compute() -> pa.Array | None:
+                values = part()
+                return None if values is None else pc.take(values, indices)
+
+            return compute
+
+        return Typed.deferred(
+            num=spread(lambda: distinct.num),
+            text=spread(lambda: distinct.text),
+            flag=spread(lambda: distinct.flag),
+            present=spread(lambda: distinct.present),
+            elements=lambda: None,
+        )
 
     def _resource_encoding(self) -> pa.DictionaryArray:
         def compute() -> pa.DictionaryArray:
@@ -179,13 +292,32 @@ class BatchContext:
         assert isinstance(result, pa.DictionaryArray)
         return result
 
-    def _extract(self, scope: Scope, keys: list[str]) -> None:
-        if scope == "span":
-            self._raw.update({(scope, k): v for k, v in extract_raw(self.column("attributes"), keys).items()})
+    def _extract(self, scope: Scope, keys: list[str], rows: Rows) -> None:
+        if scope == "resource":
+            # Resource attributes repeat per span: parse each distinct document once.
+            distinct = self._resource_encoding().dictionary
+            self._raw.update({(scope, k): _Raw(None, v) for k, v in extract_raw(distinct, keys).items()})
             return
-        # Resource attributes repeat per span: parse each distinct document once.
-        distinct = self._resource_encoding().dictionary
-        self._raw.update({(scope, k): v for k, v in extract_raw(distinct, keys).items()})
+        if rows is None:
+            values = extract_raw(self.column("attributes"), keys)
+            self._raw.update({(scope, k): _Raw(None, v) for k, v in values.items()})
+            return
+        positions, span_rows = self._positions(rows)
+        values = extract_raw(pc.take(self.column("attributes"), span_rows), keys)
+        self._raw.update({(scope, k): _Raw(rows, v, positions, span_rows) for k, v in values.items()})
+
+    def _positions(self, rows: frozenset[str]) -> tuple[pa.Array, pa.Array]:
+        """For spans named in ``rows``: (per span: index among them or null, their span rows)."""
+
+        def compute() -> tuple[pa.Array, pa.Array]:
+            mask = pc.is_in(self.column("name"), value_set=pa.array(sorted(rows), pa.string()))
+            ranks = pc.subtract(pc.cumulative_sum(pc.cast(mask, pa.int64())), 1)
+            positions = pc.if_else(mask, ranks, pa.scalar(None, pa.int64()))
+            return positions, pc.indices_nonzero(mask)
+
+        result = self.memo(("positions", rows), compute)
+        assert isinstance(result, tuple)
+        return result
 
     # -- per-group aggregation -----------------------------------------------
 
@@ -218,6 +350,12 @@ class BatchContext:
         fill: object,
     ) -> pa.Array:
         """Dense array of ``size``: ``values[i]`` at ``keys[i]``, ``fill`` elsewhere."""
+        if isinstance(keys, pa.ChunkedArray):
+            keys = keys.combine_chunks()
+        if len(keys) == size and size and pc.all(pc.equal(keys, self.arange(size).cast(keys.type))).as_py():
+            # Group-bys emit groups in first-seen order, which for trace codes is 0..n-1.
+            dense = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+            return dense if fill is None else dense.fill_null(fill)
         positions = pc.index_in(self.arange(size), value_set=keys)
         dense = pc.take(values, positions)
         if isinstance(dense, pa.ChunkedArray):
@@ -265,9 +403,11 @@ class BatchContext:
 
         def compute() -> pa.Array:
             if name == "duration":
-                start = self.group_reduce(self.column("start_ns"), self.all_true, "min")
-                end = self.group_reduce(self.column("end_ns"), self.all_true, "max")
-                return self.spread(pc.subtract(end, start))
+                # Every span has both timestamps: one group-by for both ends of each trace.
+                table = pa.table({"g": self.codes, "s": self.column("start_ns"), "e": self.column("end_ns")})
+                agg = table.group_by("g", use_threads=False).aggregate([("s", "min"), ("e", "max")])
+                span = pc.subtract(agg.column("e_max"), agg.column("s_min"))
+                return self.spread(self.scatter(agg.column("g"), span, self.ntraces, None))
             column = self.column("name" if name == "rootName" else "service")
             return self.spread(self.group_reduce(column, self.is_root(), "first"))
 
@@ -296,19 +436,33 @@ class BatchContext:
         flagged = pc.indices_nonzero(per_trace.fill_null(False))
         if len(flagged) == 0:
             return []
-        keep = pc.and_(evidence, self.spread(per_trace)).fill_null(False)
-        cited = pa.table({"c": pc.filter(self.codes, keep), "s": pc.filter(self.column("span_id"), keep)})
-        cited = cited.take(pc.sort_indices(cited, [("c", "ascending"), ("s", "ascending")]))
-        spans: dict[int, list[str]] = {}
-        for code, span_id in zip(cited.column("c").to_pylist(), cited.column("s").to_pylist(), strict=True):
-            spans.setdefault(code, []).append(span_id)
+        # Evidence is sparse: narrow to its rows first, then keep those of flagged traces.
+        rows = pc.indices_nonzero(evidence.fill_null(False))
+        row_codes = pc.take(self.codes, rows)
+        keep = pc.take(per_trace, row_codes).fill_null(False)
+        cited_codes = pc.filter(row_codes, keep)
+        cited_ids = pc.take(self.column("span_id"), pc.filter(rows, keep))
+        # Order by trace code (an int sort, stable), cut into runs per trace, then sort each
+        # trace's few ids in Python: far cheaper than an Arrow sort on (code, string).
+        if (
+            len(cited_codes) > 1
+            and not pc.all(
+                pc.less_equal(cited_codes.slice(0, len(cited_codes) - 1), cited_codes.slice(1))
+            ).as_py()
+        ):
+            order = pc.sort_indices(cited_codes)
+            cited_codes, cited_ids = pc.take(cited_codes, order), pc.take(cited_ids, order)
+        runs = pc.run_end_encode(cited_codes)
+        ids = cited_ids.to_pylist()
+        spans: dict[int, tuple[str, ...]] = {}
+        start = 0
+        for code, end in zip(runs.values.to_pylist(), runs.run_ends.to_pylist(), strict=True):
+            spans[code] = tuple(sorted(ids[start:end]))
+            start = end
+        codes = flagged.to_pylist()
         trace_ids = pc.take(self.trace_ids, flagged).to_pylist()
-        if isinstance(message, str):
-            return [
-                Violation(trace_id=trace_id, span_ids=tuple(spans.get(code, ())), message=message)
-                for code, trace_id in zip(flagged.to_pylist(), trace_ids, strict=True)
-            ]
+        texts = [message] * len(codes) if isinstance(message, str) else [message(code) for code in codes]
         return [
-            Violation(trace_id=trace_id, span_ids=tuple(spans.get(code, ())), message=message(code))
-            for code, trace_id in zip(flagged.to_pylist(), trace_ids, strict=True)
+            Violation(trace_id=trace_id, span_ids=spans.get(code, ()), message=text)
+            for code, trace_id, text in zip(codes, trace_ids, texts, strict=True)
         ]

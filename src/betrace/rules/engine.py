@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from betrace.errors import RuleError
-from betrace.rules.batch import BatchContext, Scope, context_for, register_keys
+from betrace.rules.batch import BatchContext, KeyUse, context_for, register_keys
 from betrace.rules.dsl import compiler as dslc
 from betrace.rules.dsl import parser as dslp
 from betrace.rules.model import Rule, Verdict, Violation
@@ -36,7 +36,7 @@ from betrace.rules.traceql import parser as tqp
 class _Compiled:
     """Common plumbing: the rule, key registration and batch contexts."""
 
-    def __init__(self, rule: Rule, keys: set[tuple[Scope, str]]) -> None:
+    def __init__(self, rule: Rule, keys: set[KeyUse]) -> None:
         self._rule = rule
         self._keys = keys
         weakref.finalize(self, register_keys(rule.tenant, keys))

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import re2
 
 from betrace.rules import typed as tv
-from betrace.rules.batch import KIND_NAMES, STATUS_NAMES, BatchContext, Scope
+from betrace.rules.batch import KIND_NAMES, STATUS_NAMES, BatchContext, KeyUse, Scope
 from betrace.rules.diagnostics import MAX_REGEX_PROGRAM_SIZE
 from betrace.rules.typed import Typed
 
@@ -154,7 +154,7 @@ def check_compare(op: str, left: Expr, right: Expr) -> str | None:  # noqa: PLR0
 
 
 def attribute_keys(expr: Expr) -> set[tuple[Scope, str]]:  # noqa: PLR0911 -- dispatch
-    """The attribute keys ``expr`` reads, for one-pass extraction."""
+    """The attribute keys ``expr`` reads, for one-pass extraction (see :func:`key_uses`)."""
     match expr:
         case Field(scope="span" | "dsl", name=name):
             return {("span", name)}
@@ -171,6 +171,11 @@ def attribute_keys(expr: Expr) -> set[tuple[Scope, str]]:  # noqa: PLR0911 -- di
             return attribute_keys(f)
         case _:
             return set()
+
+
+def key_uses(expr: Expr, within: str | None = None) -> set[KeyUse]:
+    """:func:`attribute_keys` with the span name each span attribute is read under."""
+    return {(scope, key, within if scope == "span" else None) for scope, key in attribute_keys(expr)}
 
 
 # -- values -----------------------------------------------------------------------
@@ -208,6 +213,9 @@ def _intrinsic(ctx: BatchContext, name: str) -> Typed:
 
 
 def _enum_names(codes: pa.Array, names: tuple[str, ...]) -> pa.Array:
+    bounds = pc.min_max(codes).as_py()
+    if bounds["min"] is None or (bounds["min"] >= 0 and bounds["max"] < len(names)):
+        return pc.take(pa.array(names), codes)  # the usual case: every code is known
     index = pc.cast(codes, pa.int32())
     valid = pc.and_(pc.greater_equal(index, 0), pc.less(index, len(names)))
     return pc.take(pa.array(names), pc.if_else(valid, index, 0))
@@ -228,35 +236,36 @@ def _resource(ctx: BatchContext, name: str) -> Typed:
     return ctx.attribute("resource", name)
 
 
-def compile_field(field: Field) -> ValueFn:  # noqa: PLR0911 -- dispatch
+def compile_field(field: Field, within: str | None = None) -> ValueFn:  # noqa: PLR0911 -- dispatch
+    """``within``: the span name every use of the value is restricted to (see BatchContext.attribute)."""
     name = field.name
     match field.scope:
         case "span":
-            return lambda ctx: ctx.attribute("span", name)
+            return lambda ctx: ctx.attribute("span", name, within)
         case "resource":
             return lambda ctx: _resource(ctx, name)
         case "any":
-            return lambda ctx: tv.coalesce(ctx.attribute("span", name), _resource(ctx, name))
+            return lambda ctx: tv.coalesce(ctx.attribute("span", name, within), _resource(ctx, name))
         case "intrinsic":
             return lambda ctx: _intrinsic(ctx, name)
         case "trace":
             return lambda ctx: _trace_intrinsic(ctx, name)
         case "dsl":
             if name in DSL_INTRINSICS:
-                return lambda ctx: tv.coalesce(ctx.attribute("span", name), _intrinsic(ctx, name))
-            return lambda ctx: ctx.attribute("span", name)
+                return lambda ctx: tv.coalesce(ctx.attribute("span", name, within), _intrinsic(ctx, name))
+            return lambda ctx: ctx.attribute("span", name, within)
 
 
 NumFn = Callable[[BatchContext], pa.Array | float]
 
 
-def _compile_number(expr: Expr) -> NumFn:
+def _compile_number(expr: Expr, within: str | None) -> NumFn:
     match expr:
         case Literal(kind="number" | "duration", value=int() | float() as number):
             value = float(number)
             return lambda ctx: value
         case Field():
-            get = compile_field(expr)
+            get = compile_field(expr, within)
 
             def field_num(ctx: BatchContext) -> pa.Array:
                 num = get(ctx).num
@@ -264,7 +273,7 @@ def _compile_number(expr: Expr) -> NumFn:
 
             return field_num
         case Arith(op=op, left=left, right=right):
-            lhs, rhs = _compile_number(left), _compile_number(right)
+            lhs, rhs = _compile_number(left, within), _compile_number(right, within)
             return lambda ctx: _arith(op, lhs(ctx), rhs(ctx))
     msg = "arithmetic needs numbers, durations or fields"
     raise ValueError(msg)
@@ -303,11 +312,11 @@ def scalar_arith(op: str, a: float, b: float) -> float:
     return a % b if b else float("nan")
 
 
-def compile_value(expr: Expr) -> ValueFn:
+def compile_value(expr: Expr, within: str | None = None) -> ValueFn:
     """Compile a field or arithmetic expression to a :class:`Typed` column."""
     if isinstance(expr, Field):
-        return compile_field(expr)
-    number = _compile_number(expr)
+        return compile_field(expr, within)
+    number = _compile_number(expr, within)
 
     def arith_value(ctx: BatchContext) -> Typed:
         value = number(ctx)
@@ -321,20 +330,24 @@ def compile_value(expr: Expr) -> ValueFn:
 # -- predicates ---------------------------------------------------------------------
 
 
-def compile_predicate(expr: Expr) -> MaskFn:
-    """Compile a boolean field expression to a mask function (no nulls in the mask)."""
+def compile_predicate(expr: Expr, within: str | None = None) -> MaskFn:
+    """Compile a boolean field expression to a mask function (no nulls in the mask).
+
+    With ``within``, the caller promises to AND the mask with "span name is
+    ``within``", so attribute values are only needed on those spans.
+    """
     match expr:
         case Const(value=value):
             return (lambda ctx: ctx.all_true) if value else (lambda ctx: ctx.all_false)
         case Logical(op=op, left=left, right=right):
-            lhs, rhs = compile_predicate(left), compile_predicate(right)
+            lhs, rhs = compile_predicate(left, within), compile_predicate(right, within)
             combine = pc.and_ if op == "and" else pc.or_
             return lambda ctx: combine(lhs(ctx), rhs(ctx))
         case Not(operand=operand):
-            inner = compile_predicate(operand)
+            inner = compile_predicate(operand, within)
             return lambda ctx: pc.invert(inner(ctx))
         case Truthy(field=field):
-            get = compile_field(field)
+            get = compile_field(field, within)
 
             def truthy(ctx: BatchContext) -> pa.Array:
                 flag = get(ctx).flag
@@ -342,18 +355,33 @@ def compile_predicate(expr: Expr) -> MaskFn:
 
             return truthy
         case Compare(op=op, left=left, right=right):
-            return _compile_compare(op, left, right)
+            return _compile_compare(op, left, right, within)
     msg = "expected a condition"
     raise ValueError(msg)
 
 
-def _compile_compare(op: str, left: Expr, right: Expr) -> MaskFn:
+def _compile_compare(op: str, left: Expr, right: Expr, within: str | None) -> MaskFn:
     if isinstance(left, Literal) and not isinstance(right, Literal):
         flipped = {">": "<", ">=": "<=", "<": ">", "<=": ">="}.get(op, op)
-        return _compile_compare(flipped, right, left)
-    value = compile_value(left)
+        return _compile_compare(flipped, right, left, within)
+    # Rules of a tenant often share conditions (status = error, http.status_code >= 500):
+    # compute each once per batch. ``within`` is part of the key: such masks are exact
+    # only on spans of that name.
+    compare = _compile_compare_uncached(op, left, right, within)
+    key = ("compare", op, left, right, within)
+
+    def shared(ctx: BatchContext) -> pa.Array:
+        result = ctx.memo(key, lambda: compare(ctx))
+        assert isinstance(result, pa.Array)
+        return result
+
+    return shared
+
+
+def _compile_compare_uncached(op: str, left: Expr, right: Expr, within: str | None) -> MaskFn:
+    value = compile_value(left, within)
     if not isinstance(right, Literal):
-        other = compile_value(right)
+        other = compile_value(right, within)
         return lambda ctx: _compare_columns(ctx, op, value(ctx), other(ctx))
     if op in _NEGATIVE:
         positive = _literal_test(_NEGATIVE[op], right)
@@ -387,7 +415,7 @@ def _compile_compare(op: str, left: Expr, right: Expr) -> MaskFn:
 
 
 def _rows_in(ctx: BatchContext, rows: pa.Array) -> pa.Array:
-    return pc.is_in(ctx.arange(ctx.n), value_set=rows.cast(pa.int32()))
+    return ctx.rows_mask(rows)
 
 
 def _present(ctx: BatchContext, typed: Typed) -> pa.Array:
@@ -449,7 +477,8 @@ def _literal_test(op: str, lit: Literal) -> LitTest:
         col = _column_for(t, kind)
         if col is None:
             return pa.repeat(pa.scalar(False), _length(ctx, t))
-        return compare(col, value).fill_null(False)
+        result = compare(col, value)
+        return result if result.null_count == 0 else result.fill_null(False)
 
     return simple
 

@@ -16,9 +16,9 @@ A file that does not validate is rejected whole: no rule of it is loaded.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -51,15 +51,23 @@ class _RuleFile(BaseModel):
 
 
 class RuleSet:
-    """Compiled, enabled rules per tenant."""
+    """Compiled, enabled rules per tenant; never changes once built (swap a new one instead)."""
 
-    def __init__(self, rules: Iterable[Rule]) -> None:
+    def __init__(
+        self, rules: Iterable[Rule], compile_fn: Callable[[Rule], CompiledRule] = compile_rule
+    ) -> None:
         self._by_tenant: dict[str, list[CompiledRule]] = {}
         self.rules: list[Rule] = []
         for rule in rules:
             self.rules.append(rule)
             if rule.enabled:
-                self._by_tenant.setdefault(rule.tenant, []).append(compile_rule(rule))
+                self._by_tenant.setdefault(rule.tenant, []).append(compile_fn(rule))
+
+    @classmethod
+    def from_compiled(cls, compiled: Iterable[CompiledRule]) -> RuleSet:
+        items = list(compiled)
+        by_rule = {id(c.rule): c for c in items}
+        return cls([c.rule for c in items], lambda rule: by_rule[id(rule)])
 
     def for_tenant(self, tenant: str) -> list[CompiledRule]:
         return self._by_tenant.get(tenant, [])
@@ -68,18 +76,41 @@ class RuleSet:
     def tenants(self) -> Mapping[str, list[CompiledRule]]:
         return self._by_tenant
 
+    def current(self) -> RuleSet:
+        """A fixed rule set is its own :class:`RuleSource`."""
+        return self
+
+
+class RuleSource(Protocol):
+    """Where the evaluate stage gets the rules for each batch (fixed, or hot-reloaded)."""
+
+    def current(self) -> RuleSet:
+        """The rule set in force now; one batch is evaluated with one rule set."""
+        ...
+
+
+def _location(raw: Any, loc: tuple[int | str, ...]) -> str:
+    """``rules.1.severity``, plus the rule's id when it has one: ``rules.1.severity (rule 'x')``."""
+    where = ".".join(str(p) for p in loc)
+    if len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int) and isinstance(raw, dict):
+        rules = raw.get("rules")
+        entry = rules[loc[1]] if isinstance(rules, list) and loc[1] < len(rules) else None
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+            where += f" (rule {entry['id']!r})"
+    return where
+
 
 def parse_rule_file(path: Path) -> list[Rule]:
     """Validate and compile one tenant file; raise :class:`RuleError` naming the problem."""
     try:
         raw: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
         msg = f"{path}: cannot read rules: {exc}"
         raise RuleError(msg) from None
     try:
         doc = _RuleFile.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{_location(raw, e['loc'])}: {e['msg']}" for e in exc.errors())
         msg = f"{path}: invalid rule file: {problems}"
         raise RuleError(msg) from None
     rules = [Rule(tenant=doc.tenant, **r.model_dump()) for r in doc.rules]

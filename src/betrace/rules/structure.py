@@ -44,8 +44,7 @@ def descendant(ctx: BatchContext, a: pa.Array, b: pa.Array) -> pa.Array:
             break
         found = pc.or_(found, pc.take(a, cursor).fill_null(False))
         cursor = pc.take(parents, cursor)
-    hits = pc.filter(rows, found)
-    return pc.is_in(ctx.arange(ctx.n).cast(pa.uint64()), value_set=hits)
+    return ctx.rows_mask(pc.filter(rows, found))
 
 
 def ancestor(ctx: BatchContext, a: pa.Array, b: pa.Array) -> pa.Array:
@@ -68,8 +67,8 @@ def sibling(ctx: BatchContext, a: pa.Array, b: pa.Array) -> pa.Array:
     """``a ~ b``: spans of ``b`` sharing a parent with a different span of ``a``."""
     parents = ctx.parent_index()
     counts = pc.value_counts(pc.filter(parents, a).drop_null())
-    per_parent = ctx.scatter(counts.field(0), counts.field(1), ctx.n, 0)
-    a_siblings = pc.take(per_parent, parents).fill_null(0)
+    # Per span: how many a-spans share its parent (a lookup into the few parents of a-spans).
+    a_siblings = pc.take(counts.field(1), pc.index_in(parents, value_set=counts.field(0))).fill_null(0)
     others = pc.subtract(a_siblings, pc.cast(a, pa.int64()))
     return pc.and_(b, pc.greater(others, 0))
 

@@ -14,7 +14,9 @@ that the compiled rules of the tenant need; no per-span Python parsing.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import duckdb
 import orjson
@@ -38,16 +40,79 @@ class Elements:
     values: Typed
 
 
-@dataclass(frozen=True, slots=True)
-class Typed:
-    """One value per span, split by JSON type; see the module docstring."""
+_Thunk = Callable[[], Any]
+_FIELDS = ("num", "text", "flag", "present", "elements")
 
-    num: pa.Array | None = None
-    text: pa.Array | None = None
-    flag: pa.Array | None = None
-    #: Where the value exists and is not JSON null; ``None`` means everywhere.
-    present: pa.Array | None = None
-    elements: Elements | None = None
+
+class Typed:
+    """One value per span, split by JSON type; see the module docstring.
+
+    Each part may be given as a thunk (:meth:`deferred`) and is then computed
+    on first use: a rule comparing ``http.status_code`` with a number never
+    pays for the string, boolean and presence columns of that attribute.
+    """
+
+    __slots__ = ("_lock", "_thunks", "_values")
+
+    def __init__(
+        self,
+        num: pa.Array | None = None,
+        text: pa.Array | None = None,
+        flag: pa.Array | None = None,
+        present: pa.Array | None = None,
+        elements: Elements | None = None,
+    ) -> None:
+        self._values: dict[str, Any] = {
+            "num": num, "text": text, "flag": flag, "present": present, "elements": elements,
+        }  # fmt: skip
+        self._thunks: dict[str, _Thunk] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def deferred(cls, **thunks: _Thunk) -> Typed:
+        """A Typed whose parts are computed by ``thunks`` (by part name) when first read."""
+        typed = cls()
+        unknown = set(thunks) - set(_FIELDS)
+        if unknown:
+            msg = f"unknown Typed parts {sorted(unknown)}"
+            raise TypeError(msg)
+        typed._thunks = dict(thunks)
+        return typed
+
+    def _get(self, name: str) -> Any:
+        if self._thunks:
+            with self._lock:
+                thunk = self._thunks.pop(name, None)
+                if thunk is not None:
+                    self._values[name] = thunk()
+        return self._values[name]
+
+    @property
+    def num(self) -> pa.Array | None:
+        """JSON numbers as float64 (or a numeric intrinsic); null elsewhere."""
+        result: pa.Array | None = self._get("num")
+        return result
+
+    @property
+    def text(self) -> pa.Array | None:
+        result: pa.Array | None = self._get("text")
+        return result
+
+    @property
+    def flag(self) -> pa.Array | None:
+        result: pa.Array | None = self._get("flag")
+        return result
+
+    @property
+    def present(self) -> pa.Array | None:
+        """Where the value exists and is not JSON null; ``None`` means everywhere."""
+        result: pa.Array | None = self._get("present")
+        return result
+
+    @property
+    def elements(self) -> Elements | None:
+        result: Elements | None = self._get("elements")
+        return result
 
 
 def connection() -> duckdb.DuckDBPyConnection:
@@ -64,13 +129,24 @@ def _sql_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _query_column(column: pa.Array, sql: str) -> pa.Table:
+def _query_column(column: pa.Array, sql: str, *, with_index: bool = False) -> pa.Table:
     con = connection()
-    con.register("betrace_json", pa.table({"j": column, "i": _arange(len(column))}))
+    source = {"j": column, "i": _arange(len(column))} if with_index else {"j": column}
+    con.register("betrace_json", pa.table(source))
     try:
         return con.sql(sql).to_arrow_table()
     finally:
         con.unregister("betrace_json")
+
+
+def _may_contain(strings: pa.Array, needle: bytes) -> bool:
+    """False only if no value of ``strings`` contains ``needle``: one memchr-speed scan
+    of the data buffer instead of a per-value kernel (escapes are rare in attributes)."""
+    buffers = strings.buffers()
+    data = buffers[2] if len(buffers) > 2 else None
+    if data is None:
+        return False
+    return memoryview(data).tobytes().find(needle) >= 0
 
 
 def _arange(n: int) -> pa.Array:
@@ -116,46 +192,75 @@ def extract_raw(column: pa.Array, keys: list[str]) -> dict[str, pa.Array]:
 
 
 def decode(raw: pa.Array, *, with_elements: bool = True) -> Typed:
-    """Split raw JSON values into a :class:`Typed` (arrays into ``elements``)."""
+    """Split raw JSON values into a :class:`Typed` (arrays into ``elements``), lazily per part."""
     # The first byte tells the JSON type; byte slicing is safe as it is ASCII.
     raw_bytes = raw.view(pa.binary())
     first = pc.binary_slice(raw_bytes, 0, 1)
-    is_str = pc.equal(first, b'"')
-    text = pc.if_else(is_str, pc.binary_slice(raw_bytes, 1, -1), pa.scalar(None, pa.binary()))
-    text = text.view(pa.string())
-    escaped = pc.and_(is_str, pc.match_substring(raw, "\\")).fill_null(False)
-    if pc.any(escaped).as_py():
-        rows = pc.indices_nonzero(escaped)
-        sql = "SELECT json_extract_string(j, '$') FROM betrace_json"
-        sub = _query_column(pc.take(raw, rows), sql)
-        text = pc.replace_with_mask(text, escaped, sub.column(0).combine_chunks())
-    is_num = pc.is_in(first, value_set=_NUM_FIRST)
-    num = pc.cast(pc.if_else(is_num, raw, _NULL_STR), pa.float64())
-    flag = pc.if_else(pc.equal(raw, "true"), True, pc.if_else(pc.equal(raw, "false"), False, _NULL_BOOL))
-    present = pc.not_equal(raw, "null").fill_null(False)
-    elements = None
-    is_array = pc.equal(first, b"[").fill_null(False)
-    if with_elements and pc.any(is_array).as_py():
+
+    def text() -> pa.Array:
+        is_str = pc.equal(first, b'"')
+        values = pc.if_else(is_str, pc.binary_slice(raw_bytes, 1, -1), pa.scalar(None, pa.binary()))
+        values = values.view(pa.string())
+        if not _may_contain(raw, b"\\"):
+            return values
+        escaped = pc.and_(is_str, pc.match_substring(raw, "\\")).fill_null(False)
+        if pc.any(escaped).as_py():
+            rows = pc.indices_nonzero(escaped)
+            sql = "SELECT json_extract_string(j, '$') FROM betrace_json"
+            sub = _query_column(pc.take(raw, rows), sql)
+            values = pc.replace_with_mask(values, escaped, sub.column(0).combine_chunks())
+        return values
+
+    def num() -> pa.Array:
+        is_num = pc.is_in(first, value_set=_NUM_FIRST)
+        return pc.cast(pc.if_else(is_num, raw, _NULL_STR), pa.float64())
+
+    def flag() -> pa.Array:
+        return pc.if_else(pc.equal(raw, "true"), True, pc.if_else(pc.equal(raw, "false"), False, _NULL_BOOL))
+
+    def present() -> pa.Array:
+        return pc.not_equal(raw, "null").fill_null(False)
+
+    def elements() -> Elements | None:
+        if not with_elements or not _may_contain(raw, b"["):
+            return None
+        is_array = pc.equal(first, b"[").fill_null(False)
+        if not pc.any(is_array).as_py():
+            return None
         rows = pc.indices_nonzero(is_array).cast(pa.int64())
         sub = _query_column(
             pc.take(raw, rows),
             "SELECT i, unnest(json_transform(j, '[\"JSON\"]')) FROM betrace_json",
+            with_index=True,
         )
         element_rows = pc.take(rows, sub.column(0).combine_chunks())
         values = decode(sub.column(1).combine_chunks(), with_elements=False)
-        elements = Elements(rows=element_rows, values=values)
-    return Typed(num=num, text=text, flag=flag, present=present, elements=elements)
+        return Elements(rows=element_rows, values=values)
+
+    return Typed.deferred(num=num, text=text, flag=flag, present=present, elements=elements)
 
 
 def take(typed: Typed, indices: pa.Array) -> Typed:
     """Gather rows of ``typed`` (array elements are dropped: used for per-row lookups)."""
 
-    def pick(arr: pa.Array | None) -> pa.Array | None:
-        return None if arr is None else pc.take(arr, indices)
+    def pick(part: Callable[[], pa.Array | None]) -> Callable[[], pa.Array | None]:
+        def gather() -> pa.Array | None:
+            arr = part()
+            return None if arr is None else pc.take(arr, indices)
 
-    present = pick(typed.present)
-    present = pc.is_valid(indices) if present is None else present.fill_null(False)
-    return Typed(pick(typed.num), pick(typed.text), pick(typed.flag), present)
+        return gather
+
+    def present() -> pa.Array:
+        picked = pick(lambda: typed.present)()
+        return pc.is_valid(indices) if picked is None else picked.fill_null(False)
+
+    return Typed.deferred(
+        num=pick(lambda: typed.num),
+        text=pick(lambda: typed.text),
+        flag=pick(lambda: typed.flag),
+        present=present,
+        elements=lambda: None,
+    )
 
 
 def coalesce(first: Typed, second: Typed) -> Typed:
@@ -171,13 +276,13 @@ def coalesce(first: Typed, second: Typed) -> Typed:
             return a
         return pc.if_else(has, a, b)
 
-    present = has if second.present is None else pc.or_(has, second.present)
-    if second.present is None:
-        present = None
-    return Typed(
-        pick(first.num, second.num),
-        pick(first.text, second.text),
-        pick(first.flag, second.flag),
-        present,
-        first.elements,
+    def present() -> pa.Array | None:
+        return None if second.present is None else pc.or_(has, second.present)
+
+    return Typed.deferred(
+        num=lambda: pick(first.num, second.num),
+        text=lambda: pick(first.text, second.text),
+        flag=lambda: pick(first.flag, second.flag),
+        present=present,
+        elements=lambda: first.elements,
     )

@@ -27,7 +27,7 @@ def ipc_to_table(data: bytes) -> pa.Table:
     try:
         with pa.ipc.open_stream(data) as reader:
             return reader.read_all()
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:  # corrupt bytes raise several Arrow error kinds
         msg = f"not an Arrow IPC stream: {exc}"
         raise ValueDecodeError(msg) from None
 

@@ -7,6 +7,7 @@ default) and ``otlp_json`` (OTLP/JSON: hex ids, int64 as strings).
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -137,7 +138,8 @@ def _json_any_value(value: dict[str, Any]) -> Any:
         if kind == "kvlistValue":
             return {kv["key"]: _json_any_value(kv.get("value", {})) for kv in raw.get("values", ())}
         if kind == "bytesValue":
-            return raw
+            # OTLP/JSON carries bytes as base64; store hex, as the protobuf path does.
+            return base64.b64decode(raw, validate=True).hex()
     return None
 
 
@@ -256,7 +258,9 @@ class OtlpDecoder:
                     c_tenant(tenant)
                     c_trace(trace_id)
                     c_span(span_id)
-                    c_parent(parent.hex() if parent else None)
+                    c_parent(
+                        parent.hex() if len(parent) == 8 and any(parent) else None
+                    )  # zero or odd: a root
                     c_name(span.name)
                     c_service(service)
                     # Proto3 enums are open; unknown values count as unspecified/unset.
@@ -321,7 +325,10 @@ class OtlpDecoder:
                         cols.tenant.append(tenant)
                         cols.trace_id.append(trace_id)
                         cols.span_id.append(span_id)
-                        cols.parent_span_id.append(str(span.get("parentSpanId") or "").lower() or None)
+                        parent = str(span.get("parentSpanId") or "").lower()
+                        cols.parent_span_id.append(
+                            parent if _HEX16.fullmatch(parent) and parent != _ZERO_SPAN else None
+                        )
                         cols.name.append(name)
                         cols.service.append(service)
                         cols.kind.append(kind)

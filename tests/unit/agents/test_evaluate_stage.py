@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
-import pytest
 
 from betrace.agents.evaluate import EvaluateStage, signal_id
 from betrace.metrics import METRICS, InMemoryHooks
@@ -141,7 +140,9 @@ def test_signal_document_has_every_documented_field() -> None:
     assert (doc["rule_name"], doc["severity"]) == ("PII access is audited", "high")
     assert doc["trace_id"] == bad
     assert doc["span_ids"] == ["0000000000000005"]  # the `when` span: the unaudited pii.access
-    assert doc["message"] == "'pii.access' occurred without 'audit.log'"
+    # docs/signals.md gives "'pii.access' occurred without 'audit.log'" as an example only.
+    assert "pii.access" in doc["message"]
+    assert "audit.log" in doc["message"]
     assert doc["source_produced_ms"] == 25  # latest source timestamp of the trace
     assert doc["detected_at"].endswith("Z")
     detected = datetime.fromisoformat(doc["detected_at"])
@@ -226,17 +227,13 @@ def test_disabled_rules_and_empty_input_produce_nothing() -> None:
     assert stage.evaluate(SPAN_SCHEMA.empty_table()) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="EvaluateStage observes 'betrace_evaluate_seconds', which is not declared in metrics.METRICS "
-    "(the module promises every metric is declared there)",
-)
 def test_evaluate_reports_only_declared_metrics() -> None:
     [trace] = trace_ids(1)
     hooks = InMemoryHooks()
     EvaluateStage(RuleSet([PII]), hooks).evaluate(table([("acme", trace, "pii.access", 1)]))
-    declared = {m.name for m in METRICS}
-    reported = {name for name, _ in hooks.counters} | {name for name, _ in hooks.observations}
-    assert reported
-    assert reported <= declared
+    declared = {m.name: set(m.labels) for m in METRICS}
+    reported = [*hooks.counters, *hooks.observations, *hooks.gauges]
+    assert {name for name, _ in reported} >= {"betrace_signals_total", "betrace_evaluate_seconds"}
+    for name, labels in reported:
+        assert name in declared
+        assert {k for k, _ in labels} == declared[name]

@@ -18,7 +18,7 @@ from betrace.workload.otlp import batch_messages
 
 def settings(*, partitions: int = 4, dedupe: int = 1_000) -> Settings:
     return Settings(
-        topics={"partitions": partitions},  # type: ignore[arg-type]
+        topics={"partitions": partitions},
         dedupe_cache_size=dedupe,
         tenant_header="X-Scope-OrgID",
         default_tenant="default",
@@ -39,7 +39,8 @@ def one_span(trace: str, span: str) -> bytes:
     request = ExportTraceServiceRequest()
     s = request.resource_spans.add().scope_spans.add().spans.add()
     s.trace_id, s.span_id, s.name = bytes.fromhex(trace), bytes.fromhex(span), "op"
-    return request.SerializeToString()
+    data: bytes = request.SerializeToString()
+    return data
 
 
 # --- DedupeCache ---------------------------------------------------------------

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span, Status
 
 from betrace.errors import KeyDecodeError
 from betrace.streams.otlp import DecodedBatch, OtlpDecoder, Record, check_key
@@ -74,7 +74,8 @@ def add_span(
     span.trace_id, span.span_id, span.name = trace_id, span_id, name
     if parent:
         span.parent_span_id = parent
-    span.kind, span.status.code = kind, status
+    span.kind = cast("Span.SpanKind.ValueType", kind)
+    span.status.code = cast("Status.StatusCode.ValueType", status)
     span.start_time_unix_nano, span.end_time_unix_nano = start, end
     _attrs(span.attributes, attrs or {})
     return span
@@ -86,7 +87,8 @@ def one_span_request(tenant: str | None = None, **span: Any) -> bytes:
     if tenant is not None:
         resource["tenant.id"] = tenant
     add_span(add_resource(request, **resource), "op", **span)
-    return request.SerializeToString()
+    data: bytes = request.SerializeToString()
+    return data
 
 
 def decode(*records: Record, default: str = "default") -> DecodedBatch:

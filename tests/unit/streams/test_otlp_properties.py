@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 import orjson
 import pyarrow as pa
-import pytest
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -127,10 +127,12 @@ def test_json_arbitrary_bytes_are_decoded_or_dead_lettered(
         assert isinstance(orjson.loads(value), dict)
 
 
-# Integers stay small: values that overflow the int8/int64 columns are a known
-# crash, pinned by the xfail tests in test_otlp_limits.py.
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-100, 100) | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=20,
 )
@@ -165,7 +167,7 @@ def test_json_arbitrary_documents_never_crash(
     scope: Any = {"spans": spans} if shape != "spans-any" else {"spans": filler}
     scopes: Any = [scope] if shape != "scope-any" else filler
     doc = {"resourceSpans": [{"resource": resource, "scopeSpans": scopes}]}
-    record = Record(orjson.dumps(doc))
+    record = Record(json.dumps(doc).encode())  # stdlib json: integers of any size
     batch = decoder("otlp_json").decode([record])
     assert_rows_valid(batch.spans)
     reasons = [d.reason for d in batch.dead_letters]
@@ -174,12 +176,8 @@ def test_json_arbitrary_documents_never_crash(
         assert batch.spans.num_rows == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(pa.ArrowInvalid, OverflowError),
-    reason="a corrupted but still parseable protobuf (e.g. a timestamp byte >= 0x80 making "
-    "start_time_unix_nano >= 2**63) makes OtlpDecoder.decode raise instead of dead-lettering",
-)
+# Byte-level corruption of real requests reaches the field-range checks (timestamps,
+# enums, attribute nesting) that random bytes almost never do.
 @FAST
 @given(
     base=st.sampled_from(VALID),

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from betrace.rules import fields as f
-from betrace.rules.batch import BatchContext, Scope
+from betrace.rules.batch import BatchContext, KeyUse
 from betrace.rules.dsl import parser as p
 from betrace.rules.traceql import compiler as tqc
 
@@ -47,24 +47,33 @@ def compile_selector(ref: p.SpanRef) -> MaskFn:
     assert name is not None
     if ref.where is None:
         return lambda ctx: ctx.name_is(name)
-    predicate = f.compile_predicate(ref.where)
+    predicate = f.compile_predicate(ref.where, within=name)
     return lambda ctx: pc.and_(ctx.name_is(name), predicate(ctx))
 
 
-def selector_keys(ref: p.SpanRef) -> set[tuple[Scope, str]]:
+def selector_keys(ref: p.SpanRef) -> set[KeyUse]:
     if ref.spanset is not None:
         return tqc.attribute_keys(ref.spanset)
-    return f.attribute_keys(ref.where) if ref.where is not None else set()
+    return f.key_uses(ref.where, ref.name) if ref.where is not None else set()
 
 
 def compile_cond(cond: p.Cond) -> CondFn:
     match cond:
         case p.Exists(ref=ref):
             mask_fn = compile_selector(ref)
+            # Plain span names recur across a tenant's rules: share their result per batch.
+            key = ("exists", ref.name) if ref.spanset is None and ref.where is None else None
 
             def exists(ctx: BatchContext) -> CondResult:
-                mask = mask_fn(ctx)
-                return CondResult(ctx.group_any(mask), mask)
+                def compute() -> CondResult:
+                    mask = mask_fn(ctx)
+                    return CondResult(ctx.group_any(mask), mask)
+
+                if key is None:
+                    return compute()
+                result = ctx.memo(key, compute)
+                assert isinstance(result, CondResult)
+                return result
 
             return exists
         case p.CountCompare(op=op, left=left, right=right):
@@ -120,7 +129,7 @@ def _compile_count(op: str, left: p.SpanRef, right: p.SpanRef | float) -> CondFn
     return count
 
 
-def cond_keys(cond: p.Cond) -> set[tuple[Scope, str]]:
+def cond_keys(cond: p.Cond) -> set[KeyUse]:
     match cond:
         case p.Exists(ref=ref):
             return selector_keys(ref)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from betrace.rules.batch import BatchContext, Scope
+from betrace.rules.batch import BatchContext, KeyUse
 from betrace.rules.dsl import compiler as dslc
 from betrace.rules.dsl.parser import DslParser, SpanRef
 
@@ -70,7 +70,7 @@ class CompiledSequence:
         self.ast = rule
         self._first = dslc.compile_selector(rule.first)
         self._then = dslc.compile_selector(rule.then)
-        self.keys: set[tuple[Scope, str]] = dslc.selector_keys(rule.first) | dslc.selector_keys(rule.then)
+        self.keys: set[KeyUse] = dslc.selector_keys(rule.first) | dslc.selector_keys(rule.then)
 
     def run(self, ctx: BatchContext) -> SequenceParts:
         a = self._first(ctx)
@@ -82,7 +82,7 @@ class CompiledSequence:
             return SequenceParts(a, ctx.all_false, deadline)
         b_rows = pc.indices_nonzero(b)
         matched_rows = _followed(ctx, a_rows, b_rows, anchor_col, self.ast.within_ns)
-        matched = pc.is_in(ctx.arange(ctx.n).cast(pa.uint64()), value_set=matched_rows)
+        matched = ctx.rows_mask(matched_rows)
         return SequenceParts(a, pc.and_(a, pc.invert(matched)), deadline)
 
     def message(self) -> str:

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from betrace.rules import fields as f
-from betrace.rules.batch import BatchContext, Grouping, Scope
+from betrace.rules.batch import BatchContext, Grouping, KeyUse
 from betrace.rules.structure import RELATIONS
 from betrace.rules.traceql import ast
 
@@ -139,18 +139,18 @@ def _compile_aggregate_filter(op: str, left: ast.Aggregate, right: ast.Aggregate
     return aggregate_filter
 
 
-def attribute_keys(node: ast.Stage) -> set[tuple[Scope, str]]:
-    """Every attribute key a query reads (for one-pass extraction)."""
+def attribute_keys(node: ast.Stage) -> set[KeyUse]:
+    """Every attribute key a query reads (for one-pass extraction), on any span."""
     match node:
         case ast.Filter(expr=expr) | ast.By(expr=expr):
-            return f.attribute_keys(expr)
+            return f.key_uses(expr)
         case ast.SpansetOp(left=left, right=right):
             return attribute_keys(left) | attribute_keys(right)
         case ast.Pipeline(stages=stages):
             return set().union(*(attribute_keys(s) for s in stages))
         case ast.AggregateFilter(left=left, right=right):
-            keys = f.attribute_keys(left.arg) if left.arg is not None else set()
+            keys = f.key_uses(left.arg) if left.arg is not None else set()
             if isinstance(right, ast.Aggregate) and right.arg is not None:
-                keys |= f.attribute_keys(right.arg)
+                keys |= f.key_uses(right.arg)
             return keys
     return set()

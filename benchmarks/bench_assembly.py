@@ -1,0 +1,150 @@
+"""Trace assembly in isolation: throughput, memory of many live traces, one huge trace.
+
+    .venv/bin/python benchmarks/bench_assembly.py [--live 100000] [--huge 1000000]
+
+Runs the assembler in-process (no Kafka), with the demo rules, on synthetic
+Arrow batches, and prints spans/s and RSS figures for benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from betrace.agents.assembly.assembler import TraceAssembler
+from betrace.config import load_settings
+from betrace.metrics import InMemoryHooks
+from betrace.rules.loader import load_rules
+from betrace.streams.schemas import SPAN_SCHEMA
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ["http.request", "auth.verify", "db.query", "pii.access", "audit.log"]
+
+
+def rss_mib() -> float:
+    with Path("/proc/self/statm").open() as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def batch(first_trace: int, traces: int, spans_per_trace: int, start: int = 0) -> pa.Table:
+    n = traces * spans_per_trace
+    ids = [f"{first_trace + i // spans_per_trace:032x}" for i in range(n)]
+    return pa.table(
+        {
+            "tenant": ["acme"] * n,
+            "trace_id": ids,
+            "span_id": [f"{start + i + 1:016x}" for i in range(n)],
+            "parent_span_id": [None] * n,
+            "name": [NAMES[i % len(NAMES)] for i in range(n)],
+            "service": ["svc"] * n,
+            "kind": [1] * n,
+            "status_code": [0] * n,
+            "start_ns": list(range(start, start + n)),
+            "end_ns": list(range(start + 1, start + n + 1)),
+            "attributes": ['{"k":1}'] * n,
+            "resource_attributes": ['{"service.name":"svc"}'] * n,
+            "produced_ms": [0] * n,
+        },
+        schema=SPAN_SCHEMA,
+    )
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def assembler(clock: Clock, *, live_limit: int, decision_cache_s: float = 300.0) -> TraceAssembler:
+    settings = load_settings(
+        rules_dir=ROOT / "config" / "rules",
+        max_live_traces=live_limit,
+        max_live_traces_per_tenant=live_limit,
+        max_trace_bytes=2**40,  # the huge trace is judged in windows, not capped
+        decision_cache_s=decision_cache_s,
+    )
+    rules = load_rules(settings.rules_dir)
+    return TraceAssembler(
+        idle_timeout_s=settings.idle_timeout_s,
+        max_trace_age_s=settings.max_trace_age_s,
+        max_live_traces=live_limit,
+        hooks=InMemoryHooks(),
+        clock=clock,
+        policy=settings.assembly_policy,
+        rules_for=rules.for_tenant,
+        checkpoint_interval_s=settings.checkpoint_interval_s,
+        decision_cache_max=settings.decision_cache_max_traces,
+        partitions=4,
+    )
+
+
+def bench_live(live: int, decision_cache_s: float) -> None:
+    clock = Clock()
+    asm = assembler(clock, live_limit=live * 2, decision_cache_s=decision_cache_s)
+    print(f"-- decision cache {decision_cache_s:g}s (0: closed traces are only forwarded)")
+    base = rss_mib()
+    started = time.perf_counter()
+    for seq, first in enumerate(range(0, live, 500)):
+        asm.add(batch(first, min(500, live - first), 20), seq, offset=seq)
+        if (seq + 1) % 20 == 0:
+            asm.close_due()
+    asm.close_due()
+    add_s = time.perf_counter() - started
+    grown = rss_mib() - base
+    print(f"live: {asm.live_traces} traces x 20 spans held; RSS +{grown:.0f} MiB ({rss_mib():.0f} MiB total)")
+    print(
+        f"live: {grown * 1024 / max(asm.live_traces, 1):.1f} KiB per live trace; "
+        f"add {live * 20 / add_s:,.0f} spans/s"
+    )
+    clock.now += 10
+    started = time.perf_counter()
+    closed = asm.close_due()
+    close_s = time.perf_counter() - started
+    n = closed.traces if closed else 0
+    print(f"close: {n} traces ({n * 20} spans) closed and judged in {close_s:.2f}s")
+    total = live * 20
+    print(f"throughput (add + close, with demo rules): {total / (add_s + close_s):,.0f} spans/s on one core")
+
+
+def bench_huge(spans: int) -> None:
+    clock = Clock()
+    asm = assembler(clock, live_limit=1000)
+    base = rss_mib()
+    peak = base
+    started = time.perf_counter()
+    step = 20_000
+    for i, start in enumerate(range(0, spans, step)):
+        asm.add(batch(7, 1, min(step, spans - start), start=start), i, offset=i)
+        asm.close_due()
+        clock.now += 0.01
+        peak = max(peak, rss_mib())
+    clock.now += 10
+    closed = asm.close_due()
+    took = time.perf_counter() - started
+    print(
+        f"huge: {spans:,} spans of one trace in {took:.1f}s ({spans / took:,.0f} spans/s), "
+        f"RSS growth peak {peak - base:.0f} MiB, signals {len(closed.signals) if closed else 0}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--live", type=int, default=100_000)
+    parser.add_argument("--huge", type=int, default=1_000_000)
+    args = parser.parse_args()
+    print(f"start RSS {rss_mib():.0f} MiB")
+    if args.huge:
+        bench_huge(args.huge)
+    if args.live:
+        bench_live(args.live, 300.0)
+        bench_live(args.live, 0.0)
+
+
+if __name__ == "__main__":
+    main()

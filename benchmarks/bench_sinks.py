@@ -1,0 +1,171 @@
+"""Sink benchmarks on real files: embedded-ledger batch latency and DuckDB span appends.
+
+Ledger: signals recorded through ``SignalLedger`` (the worker's path), flushed
+by the 128-item trigger; every ``create_transfers`` request is timed and p50 /
+p99 / max reported, for fresh signals and for a full replay (all ``exists``).
+
+Span store: Arrow batches of ``--batch-rows`` spans appended through
+``TenantStore.insert_spans`` (spans + per-trace summaries in one transaction).
+
+    .venv/bin/python benchmarks/bench_sinks.py --signals 50000 --spans 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import pyarrow as pa  # noqa: E402
+
+from betrace.metrics import InMemoryHooks  # noqa: E402
+from betrace.sinks.duckdb_store import TenantStore  # noqa: E402
+from betrace.sinks.ledger import EmbeddedLedger, SignalLedger  # noqa: E402
+from betrace.streams.schemas import SPAN_SCHEMA  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class TimedLedger(EmbeddedLedger):
+    """The embedded ledger, recording how long each create_transfers request takes."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.latencies: list[float] = []
+        self.sizes: list[int] = []
+
+    def create_transfers(self, transfers):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        try:
+            return super().create_transfers(transfers)
+        finally:
+            self.latencies.append(time.perf_counter() - started)
+            self.sizes.append(len(transfers))
+
+
+def signal_docs(n: int, tenants: int, rules: int) -> list[dict[str, object]]:
+    rng = random.Random(5)
+    return [
+        {
+            "tenant": f"tenant-{rng.randrange(tenants)}",
+            "rule_id": f"rule-{rng.randrange(rules)}",
+            "rule_version": 1,
+            "trace_id": f"{rng.getrandbits(128):032x}",
+            "severity": "high",
+            "source_produced_ms": 1_795_574_826_312 + i,
+        }
+        for i in range(n)
+    ]
+
+
+async def bench_ledger(args: argparse.Namespace, workdir: Path) -> None:
+    ledger = TimedLedger(workdir / "ledger.duckdb")
+    signals = SignalLedger(ledger, hooks=InMemoryHooks())
+    docs = signal_docs(args.signals, args.tenants, args.rules)
+    chunk = 500  # signals per SignalSink batch, as a Kafka batch would bring them
+    for phase in ("fresh", "replay"):
+        ledger.latencies.clear()
+        ledger.sizes.clear()
+        started = time.perf_counter()
+        for i in range(0, len(docs), chunk):
+            by_tenant: dict[object, list[dict[str, object]]] = {}
+            for doc in docs[i : i + chunk]:
+                by_tenant.setdefault(doc["tenant"], []).append(doc)
+            for tenant_docs in by_tenant.values():
+                await signals.record(tenant_docs)
+        elapsed = time.perf_counter() - started
+        lat = ledger.latencies
+        print(
+            f"ledger {phase:6}: {len(docs):,} signals in {elapsed:.2f}s ({len(docs) / elapsed:,.0f}/s); "
+            f"{len(lat):,} requests of mean {sum(ledger.sizes) / len(lat):.0f} transfers; "
+            f"latency p50 {pct(lat, 0.50) * 1e3:.2f} ms, p99 {pct(lat, 0.99) * 1e3:.2f} ms, "
+            f"max {max(lat) * 1e3:.2f} ms"
+        )
+    counted = sum(
+        c.signals for t in range(args.tenants) for r in range(args.rules) for c in signals.counts(f"tenant-{t}", f"rule-{r}")
+    )
+    print(f"ledger counters: {counted:,} signals (expected {len(docs):,})")
+    await signals.close()
+
+
+def span_batches(total: int, batch_rows: int) -> list[pa.Table]:
+    rng = random.Random(3)
+    batches = []
+    services = [f"svc-{i}" for i in range(12)]
+    names = ["GET /api", "db.query", "pii.access", "audit.log", "cache.get", "render"]
+    now = time.time_ns()
+    for start in range(0, total, batch_rows):
+        n = min(batch_rows, total - start)
+        trace_ids = [f"{rng.getrandbits(128):032x}" for _ in range(n // 8 + 1)]
+        rows = {
+            "tenant": ["bench"] * n,
+            "trace_id": [trace_ids[i // 8] for i in range(n)],
+            "span_id": [f"{start + i:016x}" for i in range(n)],
+            "parent_span_id": [None if i % 8 == 0 else f"{start + i - i % 8:016x}" for i in range(n)],
+            "name": [names[i % len(names)] for i in range(n)],
+            "service": [services[i % len(services)] for i in range(n)],
+            "kind": [1] * n,
+            "status_code": [2 if i % 50 == 0 else 0 for i in range(n)],
+            "start_ns": [now + (start + i) * 1000 for i in range(n)],
+            "end_ns": [now + (start + i) * 1000 + 500 for i in range(n)],
+            "attributes": ['{"http.method":"GET","user.id":"u' + str(i % 1000) + '"}' for i in range(n)],
+            "resource_attributes": ['{"service.name":"x"}'] * n,
+            "produced_ms": [now // 1_000_000] * n,
+        }
+        batches.append(pa.Table.from_pydict(rows, schema=SPAN_SCHEMA))
+    return batches
+
+
+def bench_store(args: argparse.Namespace, workdir: Path) -> None:
+    batches = span_batches(args.spans, args.batch_rows)
+    store = TenantStore(workdir / "data")
+    try:
+        started = time.perf_counter()
+        stored = sum(store.insert_spans("bench", b) for b in batches)
+        elapsed = time.perf_counter() - started
+        print(
+            f"span store: {stored:,} spans in {len(batches)} batches of {args.batch_rows:,} in {elapsed:.2f}s "
+            f"= {stored / elapsed:,.0f} rows/s (spans + trace summaries)"
+        )
+        started = time.perf_counter()
+        again = sum(store.insert_spans("bench", b) for b in batches[: max(1, len(batches) // 4)])
+        print(f"span store replay of 1/4: {again} new rows in {time.perf_counter() - started:.2f}s")
+        with store.cursor("bench") as con:
+            trace_id = batches[-1].column("trace_id")[0].as_py()
+            started = time.perf_counter()
+            con.execute("SELECT * FROM spans WHERE trace_id = ?", [trace_id]).fetchall()
+            print(f"span store: one trace by id in {(time.perf_counter() - started) * 1e3:.1f} ms")
+    finally:
+        store.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--signals", type=int, default=50_000)
+    parser.add_argument("--tenants", type=int, default=4)
+    parser.add_argument("--rules", type=int, default=5)
+    parser.add_argument("--spans", type=int, default=1_000_000)
+    parser.add_argument("--batch-rows", type=int, default=50_000)
+    parser.add_argument("--only", choices=("ledger", "store"), default=None)
+    args = parser.parse_args()
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} python {platform.python_version()} on {platform.machine()}")
+    with tempfile.TemporaryDirectory(prefix="betrace-bench-") as tmp:
+        if args.only in (None, "ledger"):
+            asyncio.run(bench_ledger(args, Path(tmp)))
+        if args.only in (None, "store"):
+            bench_store(args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

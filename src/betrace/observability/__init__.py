@@ -1,0 +1,1 @@
+"""Operating BeTrace: Prometheus export, consumer-lag monitor, health checks and their web routes."""

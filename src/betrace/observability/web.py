@@ -1,0 +1,54 @@
+"""HTTP routes on the worker's web server: metrics, health and stats."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from betrace.observability.health import HealthChecks
+from betrace.observability.lag_monitor import LagMonitor
+from betrace.observability.prometheus import PROMETHEUS_CONTENT_TYPE, PrometheusHooks
+
+logger = logging.getLogger(__name__)
+
+
+def register_routes(app: Any, hooks: PrometheusHooks, health: HealthChecks, lag: LagMonitor | None) -> None:
+    """``/metrics``, ``/health/live``, ``/health/ready`` and ``/v1/stats`` on a faust app."""
+
+    async def metrics(view: Any, request: Any) -> Any:
+        return view.bytes(hooks.exposition(), content_type=PROMETHEUS_CONTENT_TYPE)
+
+    async def live(view: Any, request: Any) -> Any:
+        return view.json(health.live())
+
+    async def ready(view: Any, request: Any) -> Any:
+        ok, checks = health.ready()
+        return view.json({"ready": ok, "checks": checks}, status=200 if ok else 503)
+
+    async def stats(view: Any, request: Any) -> Any:
+        doc: dict[str, Any] = {"metrics": hooks.snapshot()}
+        if lag is not None:
+            snap = lag.snapshot
+            doc["consumer_lag"] = {
+                "group": lag.group,
+                "taken_at": snap.taken_at,
+                "total": snap.total(lag.group),
+                "lagging": lag.lagging,
+                "error": snap.error,
+                "partitions": [
+                    {
+                        "topic": p.topic,
+                        "partition": p.partition,
+                        "committed": p.committed,
+                        "end": p.end,
+                        "lag": p.lag,
+                    }
+                    for p in snap.partitions
+                ],
+            }
+        return view.json(doc)
+
+    app.page("/metrics", name="betrace-metrics")(metrics)
+    app.page("/health/live", name="betrace-live")(live)
+    app.page("/health/ready", name="betrace-ready")(ready)
+    app.page("/v1/stats", name="betrace-stats")(stats)

@@ -1,0 +1,91 @@
+"""The signal ledger (PRD-002a): TigerBeetle's data model, on TigerBeetle or embedded in DuckDB.
+
+``open_ledger`` picks the backend: a TigerBeetle cluster when addresses are
+configured (``BETRACE_TIGERBEETLE_ADDRESSES``), otherwise the embedded ledger
+in ``<data_dir>/ledger.duckdb``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from betrace.sinks.ledger.embedded import EmbeddedLedger
+from betrace.sinks.ledger.model import (
+    MAX_BATCH,
+    Account,
+    AccountFilter,
+    AccountFilterFlags,
+    AccountFlags,
+    CreateAccountResult,
+    CreateAccountStatus,
+    CreateTransferResult,
+    CreateTransferStatus,
+    Ledger,
+    LedgerError,
+    LedgerLockedError,
+    LedgerRequestError,
+    QueryFilter,
+    QueryFilterFlags,
+    Transfer,
+    TransferFlags,
+)
+from betrace.sinks.ledger.signals import RuleCount, SignalLedger, transfer_id
+from betrace.sinks.ledger.sink import LedgerSink
+
+EMBEDDED_FILE = "ledger.duckdb"
+
+__all__ = [
+    "EMBEDDED_FILE",
+    "MAX_BATCH",
+    "Account",
+    "AccountFilter",
+    "AccountFilterFlags",
+    "AccountFlags",
+    "CreateAccountResult",
+    "CreateAccountStatus",
+    "CreateTransferResult",
+    "CreateTransferStatus",
+    "EmbeddedLedger",
+    "Ledger",
+    "LedgerError",
+    "LedgerLockedError",
+    "LedgerRequestError",
+    "LedgerSink",
+    "QueryFilter",
+    "QueryFilterFlags",
+    "RuleCount",
+    "SignalLedger",
+    "Transfer",
+    "TransferFlags",
+    "ledger_settings",
+    "open_ledger",
+    "transfer_id",
+]
+
+
+def open_ledger(
+    data_dir: Path, addresses: str | None = None, *, cluster_id: int = 0, read_only: bool = False
+) -> Ledger:
+    """TigerBeetle at ``addresses`` if given, else the embedded ledger in ``data_dir``."""
+    if addresses:
+        from betrace.sinks.ledger.tb_client import open_tigerbeetle  # noqa: PLC0415 - native client, lazily
+
+        return open_tigerbeetle(addresses, cluster_id=cluster_id)
+    return EmbeddedLedger(data_dir / EMBEDDED_FILE, read_only=read_only)
+
+
+def ledger_settings(settings: Any) -> tuple[str | None, int]:
+    """``(tigerbeetle_addresses, tigerbeetle_cluster_id)`` from the settings, else the environment.
+
+    Reads the settings fields when they exist and falls back to
+    ``BETRACE_TIGERBEETLE_ADDRESSES`` / ``BETRACE_TIGERBEETLE_CLUSTER_ID``.
+    """
+    addresses = getattr(settings, "tigerbeetle_addresses", None)
+    if addresses is None:
+        addresses = os.environ.get("BETRACE_TIGERBEETLE_ADDRESSES") or None
+    cluster = getattr(settings, "tigerbeetle_cluster_id", None)
+    if cluster is None:
+        cluster = int(os.environ.get("BETRACE_TIGERBEETLE_CLUSTER_ID", "0"))
+    return addresses, int(cluster)

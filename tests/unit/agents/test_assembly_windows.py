@@ -1,0 +1,243 @@
+"""Windowed assembly: exact DSL verdicts across windows, limits, late spans, replay, state."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from betrace.agents.assembly import assembler as asm_mod
+from betrace.agents.assembly.assembler import DECISIONS_TABLE, TRACES_TABLE, ClosedTraces, TraceAssembler
+from betrace.config.settings import AssemblyPolicy
+from betrace.metrics import InMemoryHooks
+from betrace.rules.engine import compile_rule
+from betrace.rules.model import CompiledRule, Rule
+from betrace.streams.schemas import SPAN_SCHEMA
+
+T1, T2, T3 = ("a" * 32, "b" * 32, "c" * 32)
+RULES = [
+    Rule(id="pii", tenant="t", name="pii audited", expression="when { pii.access } always { audit.log }"),
+    Rule(
+        id="many-db",
+        tenant="t",
+        name="db budget",
+        expression="when { http.request } never { count(db.query) > 150 }",
+    ),
+    Rule(id="tq", tenant="t", name="errors", language="traceql", expression='{ name = "boom" }'),
+]
+COMPILED: list[CompiledRule] = [compile_rule(r) for r in RULES]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def spans(trace: str, names: list[str], *, start: int = 0, tenant: str = "t") -> pa.Table:
+    n = len(names)
+    return pa.table(
+        {
+            "tenant": [tenant] * n,
+            "trace_id": [trace] * n,
+            "span_id": [f"{start + i + 1:016x}" for i in range(n)],
+            "parent_span_id": [None] * n,
+            "name": names,
+            "service": ["svc"] * n,
+            "kind": [1] * n,
+            "status_code": [0] * n,
+            "start_ns": [start + i for i in range(n)],
+            "end_ns": [start + i + 1 for i in range(n)],
+            "attributes": ["{}"] * n,
+            "resource_attributes": ["{}"] * n,
+            "produced_ms": [5] * n,
+        },
+        schema=SPAN_SCHEMA,
+    )
+
+
+def make(clock: Clock, hooks: InMemoryHooks, **overrides: float) -> TraceAssembler:
+    values: dict[str, float] = {
+        "idle_timeout_s": 5.0,
+        "max_trace_age_s": 3600.0,
+        "window_spans": 10,
+        "window_overlap_pct": 20.0,
+        "max_live_traces": 1000,
+        "max_trace_bytes": 10**9,
+        "decision_cache_s": 60.0,
+    }
+    values.update(overrides)
+    policy = AssemblyPolicy(
+        idle_timeout_s=values["idle_timeout_s"],
+        max_trace_age_s=values["max_trace_age_s"],
+        window_spans=int(values["window_spans"]),
+        window_overlap_pct=values["window_overlap_pct"],
+        max_live_traces=int(values["max_live_traces"]),
+        max_trace_bytes=int(values["max_trace_bytes"]),
+        decision_cache_s=values["decision_cache_s"],
+    )
+    return TraceAssembler(
+        idle_timeout_s=policy.idle_timeout_s,
+        max_trace_age_s=policy.max_trace_age_s,
+        max_live_traces=10_000,
+        hooks=hooks,
+        clock=clock,
+        policy=lambda _t: policy,
+        rules_for=lambda t: COMPILED if t == "t" else [],
+        checkpoint_interval_s=1.0,
+        decision_cache_max=1000,
+        partitions=4,
+    )
+
+
+def tick(asm: TraceAssembler, clock: Clock, advance: float = 0.0) -> ClosedTraces:
+    clock.now += advance
+    out = asm.close_due()
+    return out if out is not None else ClosedTraces(spans=SPAN_SCHEMA.empty_table(), traces=0, released=[])
+
+
+def rules_of(out: ClosedTraces) -> set[tuple[str, str]]:
+    return {(d["rule_id"], d["trace_id"]) for d in out.signals}
+
+
+def test_border_crossing_dsl_rule_is_exact_over_many_windows() -> None:
+    clock, hooks = Clock(), InMemoryHooks()
+    asm = make(clock, hooks)
+    # pii.access in the first window, its audit.log 95 spans later: many windows apart.
+    names = ["pii.access", *(["noise"] * 95), "audit.log"]
+    for i in range(0, len(names), 7):
+        asm.add(spans(T1, names[i : i + 7], start=i), seq=i, offset=i)
+        tick(asm, clock, 0.1)
+    # T2 misses the audit and crosses windows too: a windowed violation, not forwarded.
+    asm.add(spans(T2, ["pii.access", *(["noise"] * 30)]), seq=500, offset=500)
+    tick(asm, clock, 0.1)  # its windows are folded before it closes
+    out = tick(asm, clock, 10)
+    assert out.traces == 2
+    assert rules_of(out) == {("pii", T2)}
+    assert out.spans.num_rows == 0  # both were judged from summaries
+    assert hooks.total("betrace_windows_evaluated_total") >= 10
+
+
+def test_counts_across_windows_count_each_span_once() -> None:
+    clock, hooks = Clock(), InMemoryHooks()
+    asm = make(clock, hooks)
+    # 150 db.query spans: not more than 150 although overlaps repeat rows in windows.
+    asm.add(spans(T1, ["http.request", *(["db.query"] * 150)]), seq=1, offset=1)
+    tick(asm, clock)
+    out = tick(asm, clock, 10)
+    assert rules_of(out) == set()
+    asm.add(spans(T2, ["http.request", *(["db.query"] * 151)]), seq=2, offset=2)
+    tick(asm, clock)
+    assert rules_of(tick(asm, clock, 10)) == {("many-db", T2)}
+
+
+def test_small_trace_is_forwarded_whole_and_remembered() -> None:
+    clock, hooks = Clock(), InMemoryHooks()
+    asm = make(clock, hooks)
+    asm.add(spans(T1, ["pii.access", "audit.log"]), seq=1, offset=7)
+    out = tick(asm, clock, 6)
+    assert out.spans.num_rows == 2 and not out.signals  # the evaluate stage judges it
+    assert out.released == [1]
+    assert [(w.table, w.key) for w in out.writes] == [(DECISIONS_TABLE, T1)]
+    assert asm.decisions == 1
+
+
+def test_late_span_emits_only_on_pass_to_violation_and_never_twice() -> None:
+    clock, hooks = Clock(), InMemoryHooks()
+    asm = make(clock, hooks)
+    asm.add(spans(T1, ["http.request"]), seq=1, offset=1)
+    tick(asm, clock, 6)  # closed: pass
+    asm.add(spans(T1, ["pii.access"], start=10), seq=2, offset=2)
+    out = tick(asm, clock, 2)
+    assert rules_of(out) == {("pii", T1)}
+    assert out.released == [2]
+    assert hooks.total("betrace_late_spans_total") == 1
+    assert hooks.observations[("betrace_late_span_age_seconds", (("stage", "assemble"),))] == [2.0]
+    asm.add(spans(T1, ["pii.access"], start=20), seq=3, offset=3)
+    assert tick(asm, clock, 1).signals == []  # still a violation: no duplicate
+    asm.add(spans(T1, ["audit.log"], start=30), seq=4, offset=4)
+    assert tick(asm, clock, 1).signals == []  # violation to pass: no retraction, no signal
+
+
+def test_replayed_rows_are_skipped_by_offset() -> None:
+    clock, hooks = Clock(), InMemoryHooks()
+    asm = make(clock, hooks)
+    asm.add(spans(T1, ["http.request", *(["db.query"] * 100)]), seq=1, offset=1)
+    tick(asm, clock)  # folds windows and checkpoints
+    asm.add(spans(T1, ["http.request", *(["db.query"] * 100)]), seq=2, offset=1)  # replay
+    assert hooks.total("betrace_replayed_spans_skipped_total") == 101
+    out = tick(asm, clock, 10)
+    assert rules_of(out) == set()  # 100 db.query, not 200
+
+
+def test_checkpoint_and_restore_continue_the_trace_exactly() -> None:
+    clock, hooks = Clock(), InMemoryHooks()
+    asm = make(clock, hooks)
+    asm.add(spans(T1, ["pii.access", *(["noise"] * 30)]), seq=1, offset=3)
+    first = tick(asm, clock)
+    saved = {w.key: w.value for w in first.writes if w.table == TRACES_TABLE}
+    assert set(saved) == {T1}
+    assert first.released == [1]  # durable once the checkpoint is written
+    # A new process: restore, then the replay of offset 3 is skipped and offset 4 is new.
+    other = make(clock, InMemoryHooks())
+    value = saved[T1]
+    assert value is not None
+    other.restore(TRACES_TABLE, T1, value)
+    other.add(spans(T1, ["pii.access", *(["noise"] * 30)]), seq=10, offset=3)
+    other.add(spans(T1, ["audit.log"], start=100), seq=11, offset=4)
+    out = tick(other, clock, 10)
+    assert rules_of(out) == set()
+    assert out.traces == 1
+    assert (TRACES_TABLE, T1, None) in {(w.table, w.key, w.value) for w in out.writes}
+
+
+def test_tenant_live_limit_closes_oldest_early_and_says_why() -> None:
+    clock, hooks = Clock(), InMemoryHooks()
+    asm = make(clock, hooks, max_live_traces=2)
+    for seq, trace in enumerate((T1, T2, T3)):
+        asm.add(spans(trace, ["x"]), seq=seq, offset=seq)
+        clock.now += 0.1
+    out = tick(asm, clock)
+    assert out.traces == 1 and out.spans.column("trace_id").to_pylist() == [T1]
+    assert hooks.total("betrace_assembly_limit_total", reason="tenant_live_limit") == 1
+
+
+def test_byte_limit_evaluates_early_then_drops_later_spans_with_a_reason() -> None:
+    clock, hooks = Clock(), InMemoryHooks()
+    asm = make(clock, hooks, max_trace_bytes=2048)
+    asm.add(spans(T1, ["pii.access", *(["noise"] * 40)]), seq=1, offset=1)
+    out = tick(asm, clock)
+    assert out.traces == 1 and rules_of(out) == {("pii", T1)}
+    assert hooks.total("betrace_assembly_limit_total", reason="bytes_limit") == 1
+    asm.add(spans(T1, ["audit.log"], start=99), seq=2, offset=2)
+    out = tick(asm, clock)
+    assert [(d.reason, d.spans.num_rows) for d in out.dropped] == [("trace_bytes_limit", 1)]
+    assert hooks.total("betrace_spans_dropped_total", reason="bytes_limit") == 1
+    assert out.released == [2]
+
+
+def test_memory_per_trace_stays_within_one_window() -> None:
+    clock, hooks = Clock(), InMemoryHooks()
+    asm = make(clock, hooks, window_spans=100)
+    for i in range(50):
+        asm.add(spans(T1, ["noise"] * 200, start=i * 200), seq=i, offset=i)
+        tick(asm, clock, 0.01)
+        assert asm.held_bytes() < 100 * 1024
+    assert asm.live_traces == 1
+
+
+def test_traceql_rule_matches_in_any_window() -> None:
+    clock, hooks = Clock(), InMemoryHooks()
+    asm = make(clock, hooks)
+    asm.add(spans(T1, [*(["noise"] * 45), "boom", *(["noise"] * 20)]), seq=1, offset=1)
+    tick(asm, clock)
+    assert rules_of(tick(asm, clock, 10)) == {("tq", T1)}
+
+
+def test_drop_partitions_forgets_state_and_held_messages() -> None:
+    clock, hooks = Clock(), InMemoryHooks()
+    asm = make(clock, hooks)
+    asm.add(spans(T1, ["x"]), seq=1, partition=2, offset=1)
+    assert asm.drop_partitions({2}) == [1]
+    assert asm.live_traces == 0
+    assert asm_mod.TRACES_TABLE == TRACES_TABLE
