@@ -93,7 +93,10 @@ async def bench_ledger(args: argparse.Namespace, workdir: Path) -> None:
             f"max {max(lat) * 1e3:.2f} ms"
         )
     counted = sum(
-        c.signals for t in range(args.tenants) for r in range(args.rules) for c in signals.counts(f"tenant-{t}", f"rule-{r}")
+        c.signals
+        for t in range(args.tenants)
+        for r in range(args.rules)
+        for c in signals.counts(f"tenant-{t}", f"rule-{r}")
     )
     print(f"ledger counters: {counted:,} signals (expected {len(docs):,})")
     await signals.close()
@@ -135,8 +138,8 @@ def bench_store(args: argparse.Namespace, workdir: Path) -> None:
         stored = sum(store.insert_spans("bench", b) for b in batches)
         elapsed = time.perf_counter() - started
         print(
-            f"span store: {stored:,} spans in {len(batches)} batches of {args.batch_rows:,} in {elapsed:.2f}s "
-            f"= {stored / elapsed:,.0f} rows/s (spans + trace summaries)"
+            f"span store: {stored:,} spans in {len(batches)} batches of {args.batch_rows:,} "
+            f"in {elapsed:.2f}s = {stored / elapsed:,.0f} rows/s (spans + trace summaries)"
         )
         started = time.perf_counter()
         again = sum(store.insert_spans("bench", b) for b in batches[: max(1, len(batches) // 4)])
@@ -151,7 +154,9 @@ def bench_store(args: argparse.Namespace, workdir: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--signals", type=int, default=50_000)
     parser.add_argument("--tenants", type=int, default=4)
     parser.add_argument("--rules", type=int, default=5)

@@ -28,6 +28,7 @@ from betrace.errors import DecodeError
 from betrace.metrics import InMemoryHooks, StageHooks
 from betrace.rules.loader import RuleSource
 from betrace.sinks.duckdb_store import SpanStoreSink, TenantStore
+from betrace.sinks.ledger import SignalLedger, open_ledger
 from betrace.sinks.signals import SignalSink
 from betrace.streams.admin import MAX_MESSAGE_BYTES
 from betrace.streams.codecs import dumps, ipc_to_table, loads, table_to_ipc
@@ -150,7 +151,17 @@ class Pipeline:
         self.evaluate = EvaluateStage(rules, self.hooks)
         self.store = TenantStore(settings.data_dir)
         self.span_sink = SpanStoreSink(self.store, max_rows=settings.store_flush_rows, hooks=self.hooks)
-        self.signal_sink = SignalSink(self.store, self._publish, max_items=100_000, hooks=self.hooks)
+        self.ledger = SignalLedger(
+            open_ledger(
+                settings.data_dir, settings.tigerbeetle_addresses, cluster_id=settings.tigerbeetle_cluster_id
+            ),
+            hooks=self.hooks,
+            flush_items=settings.ledger_flush_items,
+            flush_interval_s=settings.ledger_flush_interval_s,
+        )
+        self.signal_sink = SignalSink(
+            self.store, self._publish, max_items=100_000, hooks=self.hooks, ledger=self.ledger
+        )
         self._held: dict[int, Any] = {}
         self._seqs = itertools.count()
         self._register()
@@ -176,6 +187,8 @@ class Pipeline:
         agent(self.verdicts_topic, "betrace.sink.signals", self._on_verdicts)
         interval = min(0.25, self.settings.idle_timeout_s / 4)
         self.app.timer(interval, name="betrace.assemble.close")(self.close_traces)
+        flush = self.settings.ledger_flush_interval_s
+        self.app.timer(flush, name="betrace.ledger.flush")(self.ledger.sink.flush_if_due)
         self.app.on_partitions_revoked.connect(cast(Any, self._on_revoked))  # mode signal typing
 
     async def _on_input(self, events: list[Any]) -> None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import faust
 
 from betrace.agents.app import Pipeline, build_pipeline
+from betrace.api.http import start_api_server
+from betrace.api.keys import KEYS_FILE, ApiKeyStore
 from betrace.config import Settings
 from betrace.observability.health import HealthChecks, assignment_check, data_dir_check, lag_checks
 from betrace.observability.lag_monitor import LagMonitor
@@ -50,10 +53,46 @@ def build_worker(settings: Settings) -> tuple[Pipeline, RuleWatcher, HealthCheck
     pipeline.app.timer(settings.lag_interval_s, name="betrace.lag_monitor")(monitor.poll)
     # Follows the rules topic in faust's loop; faust cancels it at shutdown.
     pipeline.app.task(rules.run)
+    pipeline.app.task(_lifecycle(pipeline, settings))
+    pipeline.app.timer(3600.0, name="betrace.retention")(_retention(pipeline, settings))
     if settings.web_port:
         pipeline.app.conf.web_bind = settings.web_bind
         register_routes(pipeline.app, hooks, health, monitor)
     return pipeline, rules, health, monitor
+
+
+def _lifecycle(pipeline: Pipeline, settings: Settings) -> Callable[[], Awaitable[None]]:
+    """Serve the query API while the worker runs; close it and the ledger when faust stops."""
+
+    async def run() -> None:
+        server = None
+        if settings.api_port:
+            keys = ApiKeyStore(settings.api_keys_file or settings.data_dir / KEYS_FILE)
+            server = await start_api_server(
+                pipeline.store, keys, host=settings.api_host, port=settings.api_port, ledger=pipeline.ledger
+            )
+            logger.info("query API on %s", server.url)
+        try:
+            await asyncio.Event().wait()  # until faust cancels the task at shutdown
+        finally:
+            if server is not None:
+                await server.stop()
+            await pipeline.ledger.close()
+
+    return run
+
+
+def _retention(pipeline: Pipeline, settings: Settings) -> Callable[[], Awaitable[None]]:
+    """Hourly: remove hot data past retention, but only what archival has covered."""
+
+    def sweep() -> None:
+        for tenant in pipeline.store.tenants():
+            pipeline.store.apply_retention(tenant, retention_s=settings.retention_days * 86400)
+
+    async def run() -> None:
+        await pipeline.store.run(sweep)
+
+    return run
 
 
 def run_worker(settings: Settings) -> None:

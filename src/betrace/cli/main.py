@@ -14,7 +14,9 @@ from betrace import __version__
 from betrace.cli import demo as demo_cmd
 from betrace.cli import dev as dev_cmd
 from betrace.cli import lag as lag_cmd
+from betrace.cli import query as query_cmd
 from betrace.cli import rules as rules_cmd
+from betrace.cli import serve as serve_cmd
 from betrace.cli.common import STATE, fail_clearly, out, settings
 
 app = typer.Typer(
@@ -38,6 +40,9 @@ app.add_typer(dev_cmd.app, name="dev")
 app.add_typer(rules_cmd.app, name="rules")
 app.command("demo")(demo_cmd.demo)
 app.command("lag")(lag_cmd.lag)
+app.command("serve")(serve_cmd.serve)
+app.add_typer(serve_cmd.apikeys_app, name="apikeys")
+signals_app.command("count")(query_cmd.signals_count)
 
 
 def _version(value: bool) -> None:

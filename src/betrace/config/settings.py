@@ -142,6 +142,18 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json", "logfmt"] = Field("text", description="log line format on stderr")
     web_port: int = Field(6066, ge=0, le=65535, description="worker HTTP port (metrics, health); 0 disables")
     web_bind: str = Field("127.0.0.1", min_length=1, description="address the worker HTTP server binds")
+    tigerbeetle_addresses: str | None = Field(
+        None, description="TigerBeetle replica addresses; unset means the embedded ledger in data_dir"
+    )
+    tigerbeetle_cluster_id: int = Field(0, ge=0, description="TigerBeetle cluster id")
+    ledger_flush_items: int = Field(128, ge=1, le=8189, description="ledger writes at this many transfers")
+    ledger_flush_interval_s: float = Field(
+        0.05, gt=0, le=60, description="or when the oldest buffered transfer is this old"
+    )
+    retention_days: float = Field(7.0, gt=0, description="hot-store retention; only archived data is removed")
+    api_port: int = Field(0, ge=0, le=65535, description="query API served by the worker; 0 disables it")
+    api_host: str = Field("127.0.0.1", min_length=1, description="query API bind address")
+    api_keys_file: Path | None = Field(None, description="API key file; default <data_dir>/apikeys.json")
     metrics_max_tenants: int = Field(100, ge=0, description="distinct tenant label values exported")
     lag_interval_s: float = Field(5.0, gt=0, le=3600, description="how often the worker measures lag")
     lag_threshold: int = Field(10_000, ge=0, description="total lag above which a group is lagging")

@@ -7,9 +7,8 @@ in ``<data_dir>/ledger.duckdb``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from betrace.sinks.ledger.embedded import EmbeddedLedger
 from betrace.sinks.ledger.model import (
@@ -33,6 +32,9 @@ from betrace.sinks.ledger.model import (
 )
 from betrace.sinks.ledger.signals import RuleCount, SignalLedger, transfer_id
 from betrace.sinks.ledger.sink import LedgerSink
+
+if TYPE_CHECKING:
+    from betrace.config import Settings
 
 EMBEDDED_FILE = "ledger.duckdb"
 
@@ -76,16 +78,6 @@ def open_ledger(
     return EmbeddedLedger(data_dir / EMBEDDED_FILE, read_only=read_only)
 
 
-def ledger_settings(settings: Any) -> tuple[str | None, int]:
-    """``(tigerbeetle_addresses, tigerbeetle_cluster_id)`` from the settings, else the environment.
-
-    Reads the settings fields when they exist and falls back to
-    ``BETRACE_TIGERBEETLE_ADDRESSES`` / ``BETRACE_TIGERBEETLE_CLUSTER_ID``.
-    """
-    addresses = getattr(settings, "tigerbeetle_addresses", None)
-    if addresses is None:
-        addresses = os.environ.get("BETRACE_TIGERBEETLE_ADDRESSES") or None
-    cluster = getattr(settings, "tigerbeetle_cluster_id", None)
-    if cluster is None:
-        cluster = int(os.environ.get("BETRACE_TIGERBEETLE_CLUSTER_ID", "0"))
-    return addresses, int(cluster)
+def ledger_settings(settings: Settings) -> tuple[str | None, int]:
+    """``(tigerbeetle_addresses, tigerbeetle_cluster_id)`` from the settings."""
+    return settings.tigerbeetle_addresses, settings.tigerbeetle_cluster_id

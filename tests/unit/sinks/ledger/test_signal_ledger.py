@@ -67,12 +67,12 @@ async def test_replays_never_count_twice(signals: SignalLedger) -> None:
     batch = [doc(i) for i in range(300)]
     assert await signals.record(batch) == (300, 0)
     assert await signals.record(batch) == (0, 300)
-    assert await signals.record(batch[:10] + [doc(1000)]) == (1, 10)
+    assert await signals.record([*batch[:10], doc(1000)]) == (1, 10)
     assert totals(signals, "acme", "pii-audit") == {1: 301}
     # The balance is the number of immutable transfers, each keyed by its trace.
     transfers = signals.signal_transfers("acme", "pii-audit", 1)
     assert len(transfers) == 301
-    assert {t.user_data_128 for t in transfers} == {i for i in range(300)} | {1000}
+    assert {t.user_data_128 for t in transfers} == set(range(300)) | {1000}
 
 
 @pytest.mark.asyncio
@@ -107,8 +107,8 @@ async def test_tenant_ledger_numbers_are_stable_and_distinct(signals: SignalLedg
 @pytest.mark.asyncio
 async def test_ledger_number_collisions_probe_to_the_next_number(signals: SignalLedger) -> None:
     from betrace.sinks.ledger import Account
-    from betrace.sinks.ledger.signals import CODE_LEDGER_CLAIM, FIRST_TENANT_LEDGER, claim_account_id
     from betrace.sinks.ledger.model import U32_MAX, hash128
+    from betrace.sinks.ledger.signals import CODE_LEDGER_CLAIM, FIRST_TENANT_LEDGER, claim_account_id
 
     span = U32_MAX - FIRST_TENANT_LEDGER + 1
     wanted = FIRST_TENANT_LEDGER + hash128("betrace.ledger-number", "victim") % span
