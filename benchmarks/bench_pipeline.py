@@ -40,13 +40,25 @@ from betrace.workload.generator import TraceGenerator  # noqa: E402
 from betrace.workload.otlp import batch_messages  # noqa: E402
 from betrace.workload.producer import produce  # noqa: E402
 
+SPLIT = False  # --split-ingest: ingest runs in its own process and consumer group
+
 
 async def committed_total(cfg, topics):  # type: ignore[no-untyped-def]
-    try:
-        lags = await group_lag(cfg.brokers, cfg.app_id, topics)
-    except BrokerError:
-        return 0, None
-    return sum(max(lag.committed or 0, 0) for lag in lags), sum(lag.lag for lag in lags)
+    """Committed offsets and lag over ``topics``, each read from the group that consumes it."""
+    groups = {cfg.app_id: [t for t in topics if not (SPLIT and t == cfg.topics.input)]}
+    if SPLIT and cfg.topics.input in topics:
+        groups[f"{cfg.app_id}.ingest"] = [cfg.topics.input]
+    done = lag = 0
+    for group, group_topics in groups.items():
+        if not group_topics:
+            continue
+        try:
+            lags = await group_lag(cfg.brokers, group, group_topics)
+        except BrokerError:
+            return 0, None
+        done += sum(max(p.committed or 0, 0) for p in lags)
+        lag += sum(p.lag for p in lags)
+    return done, lag
 
 
 async def backlog(args: argparse.Namespace, cfg, workers):  # type: ignore[no-untyped-def]
@@ -156,6 +168,7 @@ def main() -> None:
     p.add_argument("--tenants", default="default,acme")
     p.add_argument("--spans-per-message", type=int, default=200)
     p.add_argument("--idle-timeout", type=float, default=0.5)
+    p.add_argument("--split-ingest", action="store_true", help="ingest in its own process (BETRACE_STAGES)")
     p.add_argument("--rate", type=float, default=None, help="spans/s; enables latency mode")
     p.add_argument("--external", action="store_true", help="use BETRACE_BROKERS, do not start Kafka")
     args = p.parse_args()
@@ -175,9 +188,18 @@ def main() -> None:
         }
     )
     asyncio.run(ensure_topics(cfg))
+    global SPLIT  # noqa: PLW0603 - a flag of this script's one run
+    SPLIT = args.split_ingest
+    stage = "downstream" if SPLIT else "all"
     workers = [
-        WorkerProcess(cfg, ROOT / ".dev" / "bench" / f"{run_id}.worker{i}.log") for i in range(args.workers)
+        WorkerProcess(
+            cfg.model_copy(update={"stages": stage}), ROOT / ".dev" / "bench" / f"{run_id}.worker{i}.log"
+        )
+        for i in range(args.workers)
     ]
+    if SPLIT:
+        ingest_cfg = cfg.model_copy(update={"stages": "ingest"})
+        workers.append(WorkerProcess(ingest_cfg, ROOT / ".dev" / "bench" / f"{run_id}.ingest.log"))
     try:
         result = asyncio.run(rate(args, cfg, workers) if args.rate else backlog(args, cfg, workers))
     finally:
@@ -188,6 +210,7 @@ def main() -> None:
     ).stdout.strip()
     result.update(
         {
+            "split_ingest": args.split_ingest,
             "workers": args.workers,
             "partitions": args.partitions,
             "commit": commit,

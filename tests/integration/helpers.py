@@ -48,14 +48,17 @@ def signal_keys(cfg: Settings) -> list[tuple[str, str, str]]:
     ]
 
 
-def wait_until_drained(cfg: Settings, worker: WorkerProcess, timeout_s: float = 120.0) -> None:
-    """Until the group has committed everything on every stage's input topic."""
-    topics = [cfg.topics.input, cfg.topics.spans, cfg.topics.traces, f"{cfg.topics.signals}.pending"]
+def wait_until_drained(
+    cfg: Settings, worker: WorkerProcess, timeout_s: float = 120.0, topics: list[str] | None = None
+) -> None:
+    """Until the worker's group has committed everything on every stage's input topic."""
+    if topics is None:
+        topics = [cfg.topics.input, cfg.topics.spans, cfg.topics.traces, f"{cfg.topics.signals}.pending"]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert worker.alive, worker.log_tail()
         try:
-            lags = asyncio.run(group_lag(cfg.brokers, cfg.app_id, topics))
+            lags = asyncio.run(group_lag(cfg.brokers, cfg.group_id, topics))
         except BrokerError:  # the group has no coordinator before the worker joins
             lags = []
         if lags and all(lag.committed is not None and lag.lag == 0 for lag in lags if lag.end > 0):

@@ -40,7 +40,7 @@ from betrace.streams.topics import (
     DLQ_REASON,
     DLQ_TOPIC,
     dead_letter_headers,
-    partition_of,
+    partition_column,
     verdicts_topic,
 )
 
@@ -71,7 +71,9 @@ def chunk_by_trace(table: pa.Table, max_rows: int) -> list[pa.Table]:
     if table.num_rows <= max_rows:
         return [table]
     k = -(-table.num_rows // max_rows)
-    buckets = pa.array([int(t[8:16], 16) % k for t in table.column("trace_id").to_pylist()], pa.int32())
+    encoded = pc.dictionary_encode(table.column("trace_id").combine_chunks())
+    per_trace = pa.array([i % k for i in range(len(encoded.dictionary))], pa.int32())
+    buckets = pc.take(per_trace, encoded.indices)
     return [table.filter(pc.equal(buckets, i)) for i in range(k)]
 
 
@@ -95,8 +97,10 @@ class Pipeline:
         self.settings = settings
         self.hooks = hooks or InMemoryHooks()
         topics = settings.topics
+        self.upstream = settings.stages in ("all", "ingest")
+        self.downstream = settings.stages in ("all", "downstream")
         self.app = faust.App(
-            settings.app_id,
+            settings.group_id,
             broker=settings.broker_url,
             key_serializer="raw",
             value_serializer="raw",
@@ -137,6 +141,7 @@ class Pipeline:
         )
         # Assembly state: changelog topics on Kafka, co-partitioned with betrace.spans
         # (entries are written to their trace's partition, see assembly/state.py).
+        # An ingest-only worker must not recover (or own) assembly state.
         self.state_tables = {
             name: self.app.Table(
                 name,
@@ -145,19 +150,26 @@ class Pipeline:
                 value_type=bytes,
                 on_recover=self._restore_state,
             )
-            for name in (TRACES_TABLE, DECISIONS_TABLE)
+            for name in ((TRACES_TABLE, DECISIONS_TABLE) if self.downstream else ())
         }
         self._held_partition: dict[int, int] = {}
         self.evaluate = EvaluateStage(rules, self.hooks)
         self.store = TenantStore(settings.data_dir)
         self.span_sink = SpanStoreSink(self.store, max_rows=settings.store_flush_rows, hooks=self.hooks)
-        self.ledger = SignalLedger(
-            open_ledger(
-                settings.data_dir, settings.tigerbeetle_addresses, cluster_id=settings.tigerbeetle_cluster_id
-            ),
-            hooks=self.hooks,
-            flush_items=settings.ledger_flush_items,
-            flush_interval_s=settings.ledger_flush_interval_s,
+        # Only the downstream worker owns the ledger file (DuckDB allows one writer).
+        self.ledger = (
+            SignalLedger(
+                open_ledger(
+                    settings.data_dir,
+                    settings.tigerbeetle_addresses,
+                    cluster_id=settings.tigerbeetle_cluster_id,
+                ),
+                hooks=self.hooks,
+                flush_items=settings.ledger_flush_items,
+                flush_interval_s=settings.ledger_flush_interval_s,
+            )
+            if self.downstream
+            else None
         )
         self.signal_sink = SignalSink(
             self.store, self._publish, max_items=100_000, hooks=self.hooks, ledger=self.ledger
@@ -180,15 +192,19 @@ class Pipeline:
 
             self.app.agent(topic, name=name)(run)
 
-        agent(self.input_topic, "betrace.ingest", self._on_input)
+        if self.upstream:
+            agent(self.input_topic, "betrace.ingest", self._on_input)
+        if not self.downstream:
+            return
         agent(self.spans_topic, "betrace.assemble", self._on_spans)
         agent(self.spans_topic, "betrace.sink.duckdb", self._on_spans_store)
         agent(self.traces_topic, "betrace.evaluate", self._on_traces)
         agent(self.verdicts_topic, "betrace.sink.signals", self._on_verdicts)
         interval = min(0.25, self.settings.idle_timeout_s / 4)
         self.app.timer(interval, name="betrace.assemble.close")(self.close_traces)
-        flush = self.settings.ledger_flush_interval_s
-        self.app.timer(flush, name="betrace.ledger.flush")(self.ledger.sink.flush_if_due)
+        if self.ledger is not None:
+            flush = self.settings.ledger_flush_interval_s
+            self.app.timer(flush, name="betrace.ledger.flush")(self.ledger.sink.flush_if_due)
         self.app.on_partitions_revoked.connect(cast(Any, self._on_revoked))  # mode signal typing
 
     async def _on_input(self, events: list[Any]) -> None:
@@ -241,7 +257,7 @@ class Pipeline:
         spans = closed.spans
         if spans.num_rows:
             partitions = self.settings.topics.partitions
-            parts = pa.array(partition_of(spans.column("trace_id").to_pylist(), partitions), pa.int32())
+            parts = partition_column(spans.column("trace_id"), partitions)
             for p in pc.unique(parts).to_pylist():
                 for chunk in chunk_by_trace(spans.filter(pc.equal(parts, p)), MAX_ROWS_PER_MESSAGE):
                     pending.append(await self.traces_topic.send(value=table_to_ipc(chunk), partition=p))

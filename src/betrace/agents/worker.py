@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -37,10 +38,13 @@ def build_worker(settings: Settings) -> tuple[Pipeline, RuleWatcher, HealthCheck
     hooks = PrometheusHooks(max_tenants=settings.metrics_max_tenants)
     pipeline = build_pipeline(settings, rules, hooks)
     topics = settings.topics
+    consumed = [topics.input] if pipeline.upstream else []
+    if pipeline.downstream:
+        consumed += [topics.spans, topics.traces, verdicts_topic(settings)]
     monitor = LagMonitor(
         settings.brokers,
-        settings.app_id,
-        [topics.input, topics.spans, topics.traces, verdicts_topic(settings)],
+        settings.group_id,
+        consumed,
         hooks,
         threshold=settings.lag_threshold,
         interval_s=settings.lag_interval_s,
@@ -54,7 +58,8 @@ def build_worker(settings: Settings) -> tuple[Pipeline, RuleWatcher, HealthCheck
     # Follows the rules topic in faust's loop; faust cancels it at shutdown.
     pipeline.app.task(rules.run)
     pipeline.app.task(_lifecycle(pipeline, settings))
-    pipeline.app.timer(3600.0, name="betrace.retention")(_retention(pipeline, settings))
+    if pipeline.downstream:
+        pipeline.app.timer(3600.0, name="betrace.retention")(_retention(pipeline, settings))
     if settings.web_port:
         pipeline.app.conf.web_bind = settings.web_bind
         register_routes(pipeline.app, hooks, health, monitor)
@@ -66,7 +71,7 @@ def _lifecycle(pipeline: Pipeline, settings: Settings) -> Callable[[], Awaitable
 
     async def run() -> None:
         server = None
-        if settings.api_port:
+        if settings.api_port and pipeline.downstream:
             keys = ApiKeyStore(settings.api_keys_file or settings.data_dir / KEYS_FILE)
             server = await start_api_server(
                 pipeline.store, keys, host=settings.api_host, port=settings.api_port, ledger=pipeline.ledger
@@ -77,7 +82,8 @@ def _lifecycle(pipeline: Pipeline, settings: Settings) -> Callable[[], Awaitable
         finally:
             if server is not None:
                 await server.stop()
-            await pipeline.ledger.close()
+            if pipeline.ledger is not None:
+                await pipeline.ledger.close()
 
     return run
 
@@ -110,6 +116,11 @@ def run_worker(settings: Settings) -> None:
         settings.data_dir,
         f"http://{settings.web_bind}:{settings.web_port}" if settings.web_port else "off",
     )
+    # The stages allocate many short-lived objects per batch while holding many live
+    # ones (open traces): default GC thresholds rescan those live objects constantly.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
     worker = faust.Worker(
         pipeline.app,
         loglevel=settings.log_level.lower(),

@@ -71,7 +71,18 @@ def _root(
 
 
 @app.command()
-def run() -> None:
+def run(
+    stages: Annotated[
+        str | None,
+        typer.Option(
+            "--stages",
+            help=(
+                "all (default), ingest, or downstream. Run 'ingest' and 'downstream' in separate "
+                "processes to give the per-span decode its own core (BETRACE_STAGES)."
+            ),
+        ),
+    ] = None,
+) -> None:
     """Start a worker: consume OTLP spans, evaluate rules, store spans, emit signals.
 
     Runs every stage (ingest, assemble, evaluate, sinks) as faust agents until
@@ -80,7 +91,7 @@ def run() -> None:
     """
     from betrace.agents.worker import run_worker  # faust import is slow; only `run` needs it
 
-    cfg = settings()
+    cfg = settings(**({"stages": stages} if stages else {}))
     with fail_clearly():
         run_worker(cfg)
 

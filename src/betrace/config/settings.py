@@ -92,6 +92,10 @@ class Settings(BaseSettings):
         toml_file=None,
     )
 
+    stages: Literal["all", "ingest", "downstream"] = Field(
+        "all",
+        description="stages this worker runs: all, ingest, or downstream (assemble, evaluate, sinks)",
+    )
     app_id: str = Field(
         "betrace", pattern=r"^[A-Za-z0-9_.\-]{1,200}$", description="faust app id = consumer group"
     )
@@ -199,6 +203,11 @@ class Settings(BaseSettings):
             max_trace_bytes=pick(o.max_trace_bytes, self.max_trace_bytes),
             decision_cache_s=pick(o.decision_cache_s, self.decision_cache_s),
         )
+
+    @property
+    def group_id(self) -> str:
+        """Consumer group (and faust app id) of this worker: ingest-only workers get their own."""
+        return f"{self.app_id}.ingest" if self.stages == "ingest" else self.app_id
 
     @property
     def broker_url(self) -> str:

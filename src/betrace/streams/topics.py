@@ -66,13 +66,22 @@ def partition_of(trace_ids: Iterable[str], partitions: int) -> list[int]:
     return [int(t[:8], 16) % partitions for t in trace_ids]
 
 
+def partition_column(trace_ids: pa.Array | pa.ChunkedArray, partitions: int) -> pa.Array:
+    """:func:`partition_of` for every row, with Python work per distinct trace only."""
+    if isinstance(trace_ids, pa.ChunkedArray):
+        trace_ids = trace_ids.combine_chunks()
+    encoded = pc.dictionary_encode(trace_ids)
+    per_trace = pa.array(partition_of(encoded.dictionary.to_pylist(), partitions), pa.int32())
+    return pc.take(per_trace, encoded.indices)
+
+
 def split_by_partition(table: pa.Table, partitions: int) -> list[tuple[int, pa.Table]]:
     """Split a span table into one table per target partition of the trace id."""
     if table.num_rows == 0:
         return []
     if partitions == 1:
         return [(0, table)]
-    parts = pa.array(partition_of(table.column("trace_id").to_pylist(), partitions), pa.int32())
+    parts = partition_column(table.column("trace_id"), partitions)
     return [(p, table.filter(pc.equal(parts, p))) for p in pc.unique(parts).to_pylist()]
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from betrace.config import Settings
+from betrace.dev.worker import WorkerProcess
 from betrace.workload.generator import TraceGenerator
 from betrace.workload.otlp import batch_messages
-from tests.integration.helpers import run_worker_over, signal_keys, stored
+from betrace.workload.producer import produce
+from tests.integration.helpers import run_worker_over, signal_keys, stored, wait_until_drained
 
 
 def test_signals_and_spans_exactly_once_even_on_replay(pipeline_settings: Settings, tmp_path: Path) -> None:
@@ -43,3 +46,22 @@ def test_partition_traces_by_id_keys(pipeline_settings: Settings, tmp_path: Path
     run_worker_over(cfg, tmp_path / "worker.log", messages)
     assert sorted(signal_keys(cfg)) == sorted(gen.truth.expected)
     assert stored(cfg) == {"acme": (gen.truth.spans, gen.truth.spans)}
+
+
+def test_ingest_and_downstream_in_separate_processes(pipeline_settings: Settings, tmp_path: Path) -> None:
+    """BETRACE_STAGES splits the pipeline over two processes and consumer groups, same results."""
+    cfg = pipeline_settings
+    gen = TraceGenerator(tenants=("default", "acme"), violation_rate=0.2, seed=21)
+    asyncio.run(produce(cfg, list(batch_messages(gen.traces(5_000)))))
+    ingest = WorkerProcess(cfg.model_copy(update={"stages": "ingest"}), tmp_path / "ingest.log")
+    downstream = WorkerProcess(cfg.model_copy(update={"stages": "downstream"}), tmp_path / "downstream.log")
+    ingest.start()
+    downstream.start()
+    try:
+        wait_until_drained(cfg.model_copy(update={"stages": "ingest"}), ingest, topics=[cfg.topics.input])
+        wait_until_drained(cfg, downstream, topics=[cfg.topics.spans, cfg.topics.traces])
+    finally:
+        assert ingest.stop() == 0, ingest.log_tail()
+        assert downstream.stop() == 0, downstream.log_tail()
+    assert sorted(signal_keys(cfg)) == sorted(gen.truth.expected)
+    assert sum(rows for rows, _ in stored(cfg).values()) == gen.truth.spans

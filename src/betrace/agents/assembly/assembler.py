@@ -20,6 +20,7 @@ replayed rows are recognised (``hw``).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -259,7 +260,9 @@ class TraceAssembler:
         self._checkpoint(folded, now, out, flush_all=flush_all)
         self._expire(now, out)
         if forwarded:
-            out.spans = pa.concat_tables(forwarded) if len(forwarded) > 1 else forwarded[0]
+            # One contiguous table: thousands of per-trace slices would make every
+            # later filter, IPC write and rule evaluation pay per chunk.
+            out.spans = pa.concat_tables(forwarded).combine_chunks()
         self._ticks += 1
         self.hooks.gauge("betrace_live_traces", len(self._all), stage=STEP_ID)
         if self._ticks % 40 == 0 or flush_all:
@@ -392,6 +395,9 @@ class TraceAssembler:
     ) -> list[OpenTrace]:
         """The last window of every closing trace that needed windows (or is remembered)."""
         closing = []
+        # Most traces close whole, never windowed: judge them as one batch per tenant
+        # (vectorised window ids) instead of building a window table per trace.
+        whole_batch: dict[str, list[pa.Table]] = {}
         for trace_id, cause in due.items():
             trace = self._all[trace_id]
             closing.append(trace)
@@ -401,6 +407,17 @@ class TraceAssembler:
             if whole and not remember and cause != "bytes_limit":
                 continue  # forwarded whole, nothing to remember
             rows = trace.pending()
+            if (
+                whole
+                and trace.windows == 0
+                and cause != "bytes_limit"
+                and rows.num_rows <= policy.window_spans
+                and self._rules(trace.tenant)
+            ):
+                trace.windows = 1
+                whole_batch.setdefault(trace.tenant, []).extend(trace.chunks)
+                summaries[trace_id] = trace.summaries
+                continue
             counted, start = trace.overlap.num_rows, 0
             # A trace may close holding more than a window (one big message): cut it too.
             while rows.num_rows - start > policy.window_spans:
@@ -410,6 +427,16 @@ class TraceAssembler:
             if rows.num_rows > counted or trace.windows == 0:
                 self._window(trace, rows.slice(start), rows.num_rows - counted, windows)
             summaries[trace_id] = trace.summaries
+        for tenant, chunks in whole_batch.items():
+            table = pa.concat_tables(chunks).combine_chunks()
+            col = table.schema.get_field_index("trace_id")
+            ids = pc.binary_join_element_wise(table.column(col), f"{sm.WINDOW_SEP}1", "")
+            windows.append(
+                _Window(
+                    tenant, table.set_column(col, "trace_id", ids), pa.repeat(pa.scalar(True), table.num_rows)
+                )
+            )
+            self.hooks.count("betrace_windows_evaluated_total", len(chunks), stage=STEP_ID)
         return closing
 
     def _judge(self, windows: list[_Window], summaries: dict[str, sm.Summaries]) -> None:
@@ -417,7 +444,7 @@ class TraceAssembler:
         for w in windows:
             by_tenant.setdefault(w.tenant, []).append(w)
         for tenant, ws in by_tenant.items():
-            table = pa.concat_tables([w.table for w in ws])
+            table = pa.concat_tables([w.table for w in ws]).combine_chunks()
             new = pa.concat_arrays([w.new for w in ws])
             sm.fold_windows(self._rules(tenant), table, new, summaries)
 
@@ -425,12 +452,13 @@ class TraceAssembler:
         self, closing: list[OpenTrace], due: dict[str, Cause], now: float, out: ClosedTraces
     ) -> list[pa.Table]:
         forwarded: list[pa.Table] = []
+        closed_by: dict[Cause, int] = {}
         for trace in closing:
             cause = due[trace.trace_id]
             del self._all[trace.trace_id]
             self._idle[trace.tenant].pop(trace.trace_id, None)
             self._fold_due.discard(trace.trace_id)
-            self.hooks.count("betrace_traces_closed_total", stage=STEP_ID, cause=cause)
+            closed_by[cause] = closed_by.get(cause, 0) + 1
             if cause not in {"idle", "max_age"}:
                 self._anomaly(cause, trace, "closed and evaluated early")
             out.traces += 1
@@ -458,6 +486,8 @@ class TraceAssembler:
                     StateWrite(DECISIONS_TABLE, trace.partition, trace.trace_id, encode_decision(decision))
                 )
             self._unhold(trace.held)
+        for cause, n in closed_by.items():
+            self.hooks.count("betrace_traces_closed_total", n, stage=STEP_ID, cause=cause)
         return forwarded
 
     def _verdicts(self, trace: OpenTrace) -> list[dict[str, Any]]:
@@ -621,14 +651,14 @@ def _split_by_trace(spans: pa.Table) -> Iterator[tuple[str, str, pa.Table]]:
     if len(unique) == 1:
         yield unique[0].as_py(), spans.column("tenant")[0].as_py(), spans
         return
-    # A stable sort keeps each trace's rows in arrival order.
-    order = pc.sort_indices(trace_ids)
-    ordered = spans.take(order)
+    # A stable sort keeps each trace's rows in arrival order; one contiguous batch
+    # makes the per-trace slices below cheap (the hot path of assembly).
+    ordered = spans.take(pc.sort_indices(trace_ids)).combine_chunks()
     counts = pc.value_counts(ordered.column("trace_id"))
     ids = counts.field(0).to_pylist()
     sizes = counts.field(1).to_pylist()
-    tenants = ordered.column("tenant")
-    start = 0
-    for trace_id, size in zip(ids, sizes, strict=True):
-        yield trace_id, tenants[start].as_py(), ordered.slice(start, size)
-        start += size
+    starts = [0, *itertools.accumulate(sizes)][:-1]
+    tenants = pc.take(ordered.column("tenant"), pa.array(starts, pa.int64())).to_pylist()
+    slice_ = ordered.slice
+    for trace_id, tenant, start, size in zip(ids, tenants, starts, sizes, strict=True):
+        yield trace_id, tenant, slice_(start, size)
