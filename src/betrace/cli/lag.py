@@ -35,16 +35,7 @@ def as_json(result: dict[str, list[PartitionLag]]) -> dict[str, Any]:
             {
                 "group": group,
                 "total_lag": sum(p.lag for p in parts),
-                "partitions": [
-                    {
-                        "topic": p.topic,
-                        "partition": p.partition,
-                        "committed": p.committed,
-                        "end": p.end,
-                        "lag": p.lag,
-                    }
-                    for p in parts
-                ],
+                "partitions": [p.as_dict() for p in parts],
             }
             for group, parts in result.items()
         ]

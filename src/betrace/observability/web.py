@@ -35,16 +35,7 @@ def register_routes(app: Any, hooks: PrometheusHooks, health: HealthChecks, lag:
                 "total": snap.total(lag.group),
                 "lagging": lag.lagging,
                 "error": snap.error,
-                "partitions": [
-                    {
-                        "topic": p.topic,
-                        "partition": p.partition,
-                        "committed": p.committed,
-                        "end": p.end,
-                        "lag": p.lag,
-                    }
-                    for p in snap.partitions
-                ],
+                "partitions": [p.as_dict() for p in snap.partitions],
             }
         return view.json(doc)
 

@@ -32,6 +32,16 @@ class PartitionLag:
         """Unconsumed records; with no commit yet, everything is lag."""
         return self.end - (self.committed if self.committed is not None and self.committed >= 0 else 0)
 
+    def as_dict(self) -> dict[str, int | str | None]:
+        """The JSON shape shared by ``betrace lag --json`` and ``/v1/stats``."""
+        return {
+            "topic": self.topic,
+            "partition": self.partition,
+            "committed": self.committed,
+            "end": self.end,
+            "lag": self.lag,
+        }
+
 
 class LagReader:
     """Long-lived admin and metadata clients for repeated lag reads."""
