@@ -21,7 +21,7 @@ from betrace.dev.worker import WorkerProcess
 from betrace.errors import BetraceError, BrokerError, DevEnvironmentError
 from betrace.sinks.duckdb_store import TenantStore
 from betrace.streams.admin import ensure_topics
-from betrace.streams.lag import group_lag
+from betrace.streams.lag import group_lag, wait_until_stable
 
 
 @dataclass
@@ -133,6 +133,13 @@ def demo(
         asyncio.run(ensure_topics(cfg))
         worker = WorkerProcess(cfg, root / ".dev" / "demo" / f"{run_id}.worker.log")
         worker.start()
+        console.print("waiting for the worker to join its consumer group…")
+        if not asyncio.run(wait_until_stable(cfg.brokers, cfg.group_id, timeout_s=120)):
+            worker.stop()
+            msg = (
+                f"the worker did not join its consumer group in 120s; its log ends with:\n{worker.log_tail()}"
+            )
+            raise BetraceError(msg)
         try:
             report = _run(cfg, worker, spans, tenants, violation_rate, timeout)
         finally:

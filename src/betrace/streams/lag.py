@@ -93,6 +93,21 @@ class LagReader:
             raise BrokerError(msg) from exc
         return sorted(g[0] for g in listed if g[0].startswith(prefix))
 
+    async def state(self, group: str) -> str | None:
+        """The group's coordinator state (``Stable``, ``PreparingRebalance``, …), None if unknown."""
+        admin, _ = self._clients()
+        try:
+            responses = await admin.describe_consumer_groups([group])
+        except KafkaError as exc:
+            msg = f"cannot describe group {group!r}: {exc}"
+            raise BrokerError(msg) from exc
+        for response in responses:
+            for described in response.to_object().get("groups", []):
+                if described.get("group") == group and described.get("error_code") == 0:
+                    state: str = described.get("state") or ""
+                    return state or None
+        return None
+
     async def lag(self, group: str, topics: Iterable[str] | None = None) -> list[PartitionLag]:
         """Lag of ``group`` on ``topics`` (default: every topic it has committed on)."""
         admin, consumer = self._clients()
@@ -136,5 +151,23 @@ async def group_lag(brokers: str, group: str, topics: list[str] | None = None) -
     await reader.start()
     try:
         return await reader.lag(group, topics)
+    finally:
+        await reader.stop()
+
+
+async def wait_until_stable(brokers: str, group: str, timeout_s: float = 60.0) -> bool:
+    """Wait until ``group`` has joined and holds its assignment (coordinator state ``Stable``)."""
+    reader = LagReader(brokers)
+    await reader.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                if await reader.state(group) == "Stable":
+                    return True
+            except BrokerError:
+                pass  # no coordinator for the group yet
+            await asyncio.sleep(0.2)
+        return False
     finally:
         await reader.stop()
