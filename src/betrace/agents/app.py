@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from typing import Any, cast
 
 import faust
@@ -187,6 +188,7 @@ class Pipeline:
         def agent(topic: Any, name: str, handle: Any) -> None:
             async def run(stream: Any) -> None:
                 async for events in stream.take_events(batch, within=wait):
+                    self.hooks.observe("betrace_batch_size", len(events), stage=name.removeprefix("betrace."))
                     # Side effects complete before take_events acks the batch.
                     await handle(events)
 
@@ -336,6 +338,11 @@ class Pipeline:
         # Marking a signal emitted must follow its delivery, not its buffering; waiting on
         # these records alone keeps the sink off the rest of the producer's traffic.
         await asyncio.gather(*pending)
+        now_ms = time.time() * 1000
+        for doc in docs:
+            if doc.get("source_produced_ms"):
+                latency = max(now_ms - doc["source_produced_ms"], 0.0) / 1000
+                self.hooks.observe("betrace_produce_to_signal_seconds", latency, tenant=doc["tenant"])
 
 
 def build_pipeline(settings: Settings, rules: RuleSource, hooks: StageHooks | None = None) -> Pipeline:

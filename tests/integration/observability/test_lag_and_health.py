@@ -154,8 +154,19 @@ def test_worker_serves_metrics_health_and_stats(pipeline_settings: Settings, tmp
 
         _wait_for(spans_counted)
         metrics = _get(base + "/metrics")[1].decode()
-        for name in ("betrace_consumer_lag", "betrace_process_resident_memory_bytes", "betrace_live_traces"):
+        for name in (
+            "betrace_consumer_lag",
+            "betrace_process_resident_memory_bytes",
+            "betrace_live_traces",
+            'betrace_batch_size_count{stage="ingest"}',
+        ):
             assert name in metrics
+
+        def signal_latency_observed() -> bool:
+            text = _get(base + "/metrics")[1].decode()
+            return 'betrace_produce_to_signal_seconds_count{tenant="acme"}' in text
+
+        _wait_for(signal_latency_observed)
         assert "trace_id" not in metrics  # no trace ids in labels
         stats = json.loads(_get(base + "/v1/stats")[1])
         assert stats["consumer_lag"]["group"] == cfg.app_id
