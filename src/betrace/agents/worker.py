@@ -57,7 +57,7 @@ def build_worker(settings: Settings) -> tuple[Pipeline, RuleWatcher, HealthCheck
     pipeline.app.timer(settings.lag_interval_s, name="betrace.lag_monitor")(monitor.poll)
     # Follows the rules topic in faust's loop; faust cancels it at shutdown.
     pipeline.app.task(rules.run)
-    pipeline.app.task(_lifecycle(pipeline, settings))
+    pipeline.app.task(_lifecycle(pipeline, settings, monitor))
     if pipeline.downstream:
         pipeline.app.timer(3600.0, name="betrace.retention")(_retention(pipeline, settings))
     if settings.web_port:
@@ -66,8 +66,8 @@ def build_worker(settings: Settings) -> tuple[Pipeline, RuleWatcher, HealthCheck
     return pipeline, rules, health, monitor
 
 
-def _lifecycle(pipeline: Pipeline, settings: Settings) -> Callable[[], Awaitable[None]]:
-    """Serve the query API while the worker runs; close it and the ledger when faust stops."""
+def _lifecycle(pipeline: Pipeline, settings: Settings, monitor: LagMonitor) -> Callable[[], Awaitable[None]]:
+    """Serve the query API while the worker runs; close it, the ledger and the lag reader at stop."""
 
     async def run() -> None:
         server = None
@@ -84,6 +84,7 @@ def _lifecycle(pipeline: Pipeline, settings: Settings) -> Callable[[], Awaitable
                 await server.stop()
             if pipeline.ledger is not None:
                 await pipeline.ledger.close()
+            await monitor.stop()
 
     return run
 

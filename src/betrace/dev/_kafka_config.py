@@ -116,7 +116,9 @@ def render_server_properties(
         "share.coordinator.state.topic.replication.factor": str(rf),
         "share.coordinator.state.topic.min.isr": str(min_isr),
         "group.initial.rebalance.delay.ms": "0",
-        "auto.create.topics.enable": "true",
+        # BeTrace creates every topic itself with the right layout (the rules topic must be
+        # compacted); auto-creation by a stray metadata request would get that wrong.
+        "auto.create.topics.enable": "false",
         # Small machines (2 cores): fewer threads than the defaults.
         "num.network.threads": "2",
         "num.io.threads": "4",

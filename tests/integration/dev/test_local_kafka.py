@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from betrace.dev.kafka import LocalKafka
 
@@ -44,7 +45,20 @@ def kafka3(tmp_path: Path) -> Iterator[LocalKafka]:
         local.down(clean=True)
 
 
+async def _ensure_topic(bootstrap: str, topic: str) -> None:
+    """The dev broker does not auto-create topics: BeTrace creates each with its layout."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        if topic not in await admin.list_topics():
+            nodes = len(bootstrap.split(","))
+            await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=nodes)])
+    finally:
+        await admin.close()
+
+
 async def _produce(bootstrap: str, topic: str, payload: bytes) -> int:
+    await _ensure_topic(bootstrap, topic)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
     await producer.start()
     try:
