@@ -57,10 +57,10 @@ def _from_api(url: str, api_key: str, rule: str, tenant: str | None) -> dict[str
 
 def _from_ledger(rule: str, tenant: str) -> dict[str, Any]:
     from betrace.metrics import InMemoryHooks
-    from betrace.sinks.ledger import SignalLedger, ledger_settings, open_ledger
+    from betrace.sinks.ledger import SignalLedger, open_ledger
 
     cfg = settings()
-    addresses, cluster = ledger_settings(cfg)
+    addresses, cluster = cfg.tigerbeetle_addresses, cfg.tigerbeetle_cluster_id
     ledger = SignalLedger(
         open_ledger(cfg.data_dir, addresses, cluster_id=cluster, read_only=True), hooks=InMemoryHooks()
     )

@@ -1,14 +1,15 @@
 """The one sink contract: ``add`` items, ``write(batch)``, ``flush``.
 
-As in quix-streams, the batch is cleared in ``finally``: a failed write is not
-retried from memory but replayed from Kafka, because offsets are committed
-only after every sink has flushed. A full buffer raises
-:class:`BackpressureError` instead of growing.
+As in quix-streams, a batch leaves the buffer whether or not its write
+succeeds: a failed write is not retried from memory but replayed from Kafka,
+because offsets are committed only after every sink has flushed. A full
+buffer raises :class:`BackpressureError` instead of growing.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 import time
 from typing import Generic, TypeVar
@@ -34,6 +35,7 @@ class BatchingSink(abc.ABC, Generic[T]):
         self.hooks = hooks
         self._batch: list[T] = []
         self._size = 0
+        self._flush_lock = asyncio.Lock()
 
     def __len__(self) -> int:
         return self._size
@@ -51,18 +53,21 @@ class BatchingSink(abc.ABC, Generic[T]):
         self._size += size
 
     async def flush(self) -> None:
-        """Write what is buffered; the buffer is empty afterwards, success or not."""
-        if not self._batch:
-            return
-        batch, size = self._batch, self._size
-        started = time.perf_counter()
-        try:
+        """Write what is buffered; the buffer is empty afterwards, success or not.
+
+        The buffer is taken before the write awaits, so items added meanwhile (a
+        timer flush racing an agent's ``add``) wait for the next flush instead of
+        being cleared with a batch they were never part of.
+        """
+        async with self._flush_lock:
+            if not self._batch:
+                return
+            batch, size = self._batch, self._size
+            self._batch, self._size = [], 0
+            started = time.perf_counter()
             await self.write(batch)
-        finally:
-            self._batch = []
-            self._size = 0
-        self.hooks.count("betrace_sink_rows_total", size, sink=self.step_id)
-        self.hooks.observe("betrace_sink_flush_seconds", time.perf_counter() - started, sink=self.step_id)
+            self.hooks.count("betrace_sink_rows_total", size, sink=self.step_id)
+            self.hooks.observe("betrace_sink_flush_seconds", time.perf_counter() - started, sink=self.step_id)
 
     @abc.abstractmethod
     async def write(self, batch: list[T]) -> None:

@@ -8,7 +8,6 @@ in ``<data_dir>/ledger.duckdb``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from betrace.sinks.ledger.embedded import EmbeddedLedger
 from betrace.sinks.ledger.model import (
@@ -32,9 +31,6 @@ from betrace.sinks.ledger.model import (
 )
 from betrace.sinks.ledger.signals import RuleCount, SignalLedger, transfer_id
 from betrace.sinks.ledger.sink import LedgerSink
-
-if TYPE_CHECKING:
-    from betrace.config import Settings
 
 EMBEDDED_FILE = "ledger.duckdb"
 
@@ -61,7 +57,6 @@ __all__ = [
     "SignalLedger",
     "Transfer",
     "TransferFlags",
-    "ledger_settings",
     "open_ledger",
     "transfer_id",
 ]
@@ -76,8 +71,3 @@ def open_ledger(
 
         return open_tigerbeetle(addresses, cluster_id=cluster_id)
     return EmbeddedLedger(data_dir / EMBEDDED_FILE, read_only=read_only)
-
-
-def ledger_settings(settings: Settings) -> tuple[str | None, int]:
-    """``(tigerbeetle_addresses, tigerbeetle_cluster_id)`` from the settings."""
-    return settings.tigerbeetle_addresses, settings.tigerbeetle_cluster_id

@@ -70,7 +70,6 @@ class LedgerSink(BatchingSink[Transfer]):
         self.flush_interval_s = flush_interval_s
         self._on_missing_account = on_missing_account
         self._oldest = 0.0
-        self._flush_lock = asyncio.Lock()
         self.created = 0
         self.duplicates = 0
 
@@ -104,19 +103,6 @@ class LedgerSink(BatchingSink[Transfer]):
                 await asyncio.wait_for(stop.wait(), timeout=self.flush_interval_s / 2)
             await self.flush_if_due()
         await self.flush()
-
-    async def flush(self) -> None:
-        # Concurrent put() and timer flushes: take the buffer first, so that items added
-        # while a write is in flight stay buffered for the next flush instead of being lost.
-        async with self._flush_lock:
-            if not self._batch:
-                return
-            batch, size = self._batch, self._size
-            self._batch, self._size = [], 0
-            started = time.perf_counter()
-            await self.write(batch)
-            self.hooks.count("betrace_sink_rows_total", size, sink=self.step_id)
-            self.hooks.observe("betrace_sink_flush_seconds", time.perf_counter() - started, sink=self.step_id)
 
     async def write(self, batch: list[Transfer]) -> None:
         created, duplicates = await self._run(self._write_sync, batch)
