@@ -50,37 +50,40 @@ class EvaluateStage:
             compiled = ruleset.for_tenant(tenant)
             if not compiled:
                 continue
-            produced = self._produced_ms(table)
+            found = [(ev.rule, v) for ev in compiled for v in ev.evaluate(table)]
+            if not found:
+                continue
+            # Only violating traces need their source timestamp: most batches have none.
+            produced = self._produced_ms(table, {v.trace_id for _, v in found})
             detected_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-            for evaluator in compiled:
-                rule = evaluator.rule
-                for violation in evaluator.evaluate(table):
-                    signals.append(
-                        {
-                            "schema_version": SIGNAL_SCHEMA_VERSION,
-                            "signal_id": signal_id(tenant, rule, violation.trace_id),
-                            "tenant": tenant,
-                            "rule_id": rule.id,
-                            "rule_version": rule.version,
-                            "rule_name": rule.name,
-                            "trace_id": violation.trace_id,
-                            "span_ids": list(violation.span_ids),
-                            "severity": rule.severity,
-                            "message": violation.message,
-                            "detected_at": detected_at,
-                            "source_produced_ms": produced.get(violation.trace_id, 0),
-                        }
-                    )
-                    self.hooks.count(
-                        "betrace_signals_total", stage=STEP_ID, rule=rule.id, severity=rule.severity
-                    )
+            for rule, violation in found:
+                signals.append(
+                    {
+                        "schema_version": SIGNAL_SCHEMA_VERSION,
+                        "signal_id": signal_id(tenant, rule, violation.trace_id),
+                        "tenant": tenant,
+                        "rule_id": rule.id,
+                        "rule_version": rule.version,
+                        "rule_name": rule.name,
+                        "trace_id": violation.trace_id,
+                        "span_ids": list(violation.span_ids),
+                        "severity": rule.severity,
+                        "message": violation.message,
+                        "detected_at": detected_at,
+                        "source_produced_ms": produced.get(violation.trace_id, 0),
+                    }
+                )
+                self.hooks.count("betrace_signals_total", stage=STEP_ID, rule=rule.id, severity=rule.severity)
         self.hooks.observe("betrace_evaluate_seconds", time.perf_counter() - started, stage=STEP_ID)
         return signals
 
     @staticmethod
-    def _produced_ms(table: pa.Table) -> dict[str, int]:
-        """Latest source timestamp per trace: the start of produce-to-signal latency."""
-        agg = table.group_by("trace_id").aggregate([("produced_ms", "max")])
+    def _produced_ms(table: pa.Table, trace_ids: set[str]) -> dict[str, int]:
+        """Latest source timestamp of each of ``trace_ids``: the start of produce-to-signal latency."""
+        rows = table.filter(
+            pc.is_in(table.column("trace_id"), value_set=pa.array(list(trace_ids), pa.string()))
+        )
+        agg = rows.group_by("trace_id").aggregate([("produced_ms", "max")])
         return dict(
             zip(
                 agg.column("trace_id").to_pylist(),
