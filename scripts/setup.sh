@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything BeTrace needs on a fresh machine, idempotently:
-#   - Java 17+ and Maven (Debian packages) when missing and we are root,
+#   - Java 17+, Maven and redis-server (Debian packages) when missing and we are root,
 #   - a Python 3.11 virtualenv in .venv with the pinned dependencies,
 #   - the Apache Kafka jars, fetched once with Maven into .cache/kafka.
 # Re-running is cheap: each step is skipped when already done.
@@ -14,12 +14,13 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 need_apt=()
 command -v java >/dev/null 2>&1 || need_apt+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || need_apt+=(maven)
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 if ((${#need_apt[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
         say "installing ${need_apt[*]} with apt-get"
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
     else
-        echo "error: please install ${need_apt[*]} (Java 17+ and Maven run the local Kafka broker)" >&2
+        echo "error: please install ${need_apt[*]} (Java 17+ and Maven run the local Kafka broker, redis-server the cache tier)" >&2
         exit 1
     fi
 fi

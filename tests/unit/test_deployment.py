@@ -9,9 +9,10 @@ from typing import Any
 
 import typer
 import yaml
+from pydantic import BaseModel
 
 from betrace.cli.main import app as cli_app
-from betrace.config.settings import Settings, TopicSettings
+from betrace.config.settings import Settings
 from betrace.metrics import METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,9 +36,10 @@ def readme_config_vars() -> set[str]:
 
 def settings_vars() -> set[str]:
     names = set()
-    for name in Settings.model_fields:
-        if name == "topics":
-            names |= {f"BETRACE_TOPICS__{sub.upper()}" for sub in TopicSettings.model_fields}
+    for name, info in Settings.model_fields.items():
+        section = info.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            names |= {f"BETRACE_{name.upper()}__{sub.upper()}" for sub in section.model_fields}
         else:
             names.add(f"BETRACE_{name.upper()}")
     return names

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,6 +24,15 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from betrace.config.sections import (
+    ArchiveSettings,
+    AuditSettings,
+    CacheSettings,
+    ColdStorageSettings,
+    IntegritySettings,
+    ReceiverSettings,
+    ResilienceSettings,
+)
 from betrace.errors import ConfigError
 
 Encoding = Literal["otlp_proto", "otlp_json"]
@@ -161,6 +170,13 @@ class Settings(BaseSettings):
     metrics_max_tenants: int = Field(100, ge=0, description="distinct tenant label values exported")
     lag_interval_s: float = Field(5.0, gt=0, le=3600, description="how often the worker measures lag")
     lag_threshold: int = Field(10_000, ge=0, description="total lag above which a group is lagging")
+    cold: ColdStorageSettings = ColdStorageSettings()
+    archive: ArchiveSettings = ArchiveSettings()
+    resilience: ResilienceSettings = ResilienceSettings()
+    cache: CacheSettings = CacheSettings()
+    receiver: ReceiverSettings = ReceiverSettings()
+    audit: AuditSettings = AuditSettings()
+    integrity: IntegritySettings = IntegritySettings()
 
     @field_validator("brokers")
     @classmethod
@@ -250,6 +266,14 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise ConfigError(msg) from None
 
 
+def _env_value(value: Any) -> str:
+    if isinstance(value, SecretStr):  # a child process needs the secret itself, not its mask
+        return value.get_secret_value()
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value)
+    return str(value)
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """Export ``settings`` as ``BETRACE_*`` variables, to start a worker process with them."""
     env: dict[str, str] = {}
@@ -258,7 +282,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
             continue
         if isinstance(value, BaseModel):
             for sub, subvalue in value:
-                env[f"BETRACE_{name.upper()}__{sub.upper()}"] = str(subvalue)
+                if subvalue is not None:
+                    env[f"BETRACE_{name.upper()}__{sub.upper()}"] = _env_value(subvalue)
         elif isinstance(value, dict):  # e.g. assembly_tenants: pydantic-settings reads JSON
             env[f"BETRACE_{name.upper()}"] = json.dumps(
                 {
@@ -267,5 +292,5 @@ def settings_env(settings: Settings) -> dict[str, str]:
                 }
             )
         else:
-            env[f"BETRACE_{name.upper()}"] = str(value)
+            env[f"BETRACE_{name.upper()}"] = _env_value(value)
     return env
