@@ -68,3 +68,31 @@ class BrokerError(BetraceError):
 
 class DevEnvironmentError(BetraceError):
     """The local development services could not be set up."""
+
+
+class CircuitOpenError(BetraceError):
+    """A dependency's circuit breaker is open; the call was not attempted.
+
+    Retriable: the caller spools the write or pauses, and retries once the
+    breaker lets a trial call through.
+    """
+
+    retriable = True
+
+    def __init__(self, msg: str, *, breaker: str = "") -> None:
+        super().__init__(msg)
+        self.breaker = breaker
+
+
+class SpoolCorruptError(BetraceError):
+    """A spool segment holds a record whose checksum or framing is wrong."""
+
+
+class RuleQuarantinedError(RuleError):
+    """A rule was quarantined after repeated evaluation failures."""
+
+
+class RuleEvaluationError(RuleError):
+    """A rule raised while evaluating a batch; retried until the rule is quarantined."""
+
+    retriable = True

@@ -116,6 +116,118 @@ METRICS: tuple[MetricSpec, ...] = (
         "betrace_consumer_end_offset", "gauge", "offset", "log end offset", ("group", "topic", "partition")
     ),
     MetricSpec("betrace_consumer_group_lagging", "gauge", "bool", "1 when total lag > threshold", ("group",)),
+    # issue 7: resilience (breakers, spool, backpressure, quarantine)
+    MetricSpec(
+        "betrace_breaker_transitions_total",
+        "counter",
+        "transitions",
+        "circuit breaker state changes",
+        ("breaker", "to"),
+    ),
+    MetricSpec("betrace_spool_bytes", "gauge", "bytes", "bytes held in the local spool", ("spool",)),
+    MetricSpec("betrace_spooled_total", "counter", "items", "writes diverted to the spool", ("spool",)),
+    MetricSpec("betrace_spool_replayed_total", "counter", "items", "spooled writes replayed", ("spool",)),
+    MetricSpec(
+        "betrace_spool_corrupt_total",
+        "counter",
+        "records",
+        "torn or corrupt spool records skipped",
+        ("spool",),
+    ),
+    MetricSpec(
+        "betrace_paused_partitions", "gauge", "partitions", "partitions paused by backpressure", ("stage",)
+    ),
+    MetricSpec("betrace_rules_quarantined", "gauge", "rules", "rules in quarantine", ("tenant",)),
+    MetricSpec("betrace_rule_quarantines_total", "counter", "rules", "rules quarantined", ("tenant", "rule")),
+    # issue 7: the OTLP/HTTP receiver
+    MetricSpec(
+        "betrace_receiver_requests_total", "counter", "requests", "POST /v1/traces by status", ("code",)
+    ),
+    MetricSpec(
+        "betrace_receiver_spans_total",
+        "counter",
+        "spans",
+        "spans accepted or rejected by the receiver",
+        ("outcome",),
+    ),
+    MetricSpec(
+        "betrace_receiver_queue_fill", "gauge", "ratio", "receiver records in flight / queue size", ()
+    ),
+    # issue 7: the Redis cache tier (betrace_cache_hits_total / _misses_total above)
+    MetricSpec(
+        "betrace_cache_remote_hits_total",
+        "counter",
+        "lookups",
+        "cache hits answered by Redis (not by the in-process LRU)",
+        ("cache",),
+    ),
+    MetricSpec(
+        "betrace_cache_fallback_hits_total",
+        "counter",
+        "lookups",
+        "cache hits answered by the in-process LRU while Redis was unavailable",
+        ("cache",),
+    ),
+    MetricSpec(
+        "betrace_cache_errors_total",
+        "counter",
+        "calls",
+        "Redis cache calls that failed or were refused by the open breaker",
+        ("cache", "reason"),
+    ),
+    MetricSpec("betrace_cache_seconds", "histogram", "seconds", "Redis cache call latency", ("cache", "op")),
+    # issue 9: integrity checks
+    MetricSpec(
+        "betrace_anomalies_total",
+        "counter",
+        "anomalies",
+        "integrity anomalies opened (new or re-opened)",
+        ("kind", "source"),
+    ),
+    MetricSpec(
+        "betrace_anomalies_resolved_total", "counter", "anomalies", "anomalies a recheck resolved", ("kind",)
+    ),
+    MetricSpec(
+        "betrace_integrity_skipped_total",
+        "counter",
+        "spans",
+        "closed-trace spans left unchecked because the check buffer was full",
+        ("stage",),
+    ),
+    MetricSpec(
+        "betrace_integrity_check_seconds", "histogram", "seconds", "one integrity check pass", ("source",)
+    ),
+    MetricSpec(
+        "betrace_archive_units_total",
+        "counter",
+        "units",
+        "archival units (tenant, day, kind, part) finished, by outcome",
+        ("tenant", "outcome"),
+    ),
+    MetricSpec(
+        "betrace_archive_rows_total", "counter", "rows", "rows moved to cold storage", ("tenant", "kind")
+    ),
+    MetricSpec("betrace_archive_phase_seconds", "histogram", "seconds", "one archival phase", ("phase",)),
+    MetricSpec("betrace_storage_bytes", "gauge", "bytes", "stored bytes per tier", ("tenant", "tier")),
+    MetricSpec("betrace_storage_rows", "gauge", "rows", "stored rows per tier", ("tenant", "tier", "kind")),
+    MetricSpec(
+        "betrace_storage_day_seconds",
+        "gauge",
+        "seconds",
+        "start of the oldest/newest stored day per tier (epoch seconds)",
+        ("tenant", "tier", "edge"),
+    ),
+    # issue 9: the audit trail
+    MetricSpec("betrace_audit_events_total", "counter", "events", "audit events written by type", ("type",)),
+    MetricSpec(
+        "betrace_audit_dropped_total",
+        "counter",
+        "events",
+        "audit events dropped or parent links cut",
+        ("reason",),
+    ),
+    MetricSpec("betrace_audit_buffered", "gauge", "events", "audit events waiting to be written", ()),
+    MetricSpec("betrace_audit_flush_seconds", "histogram", "seconds", "one audit batch write", ()),
 )
 
 METRICS_BY_NAME: dict[str, MetricSpec] = {m.name: m for m in METRICS}

@@ -1,5 +1,26 @@
-"""The audit trail: append-only events with causal parents (issue 9)."""
+"""The audit trail: append-only events with causal parents (issue 9, docs/audit.md).
 
-from betrace.audit.events import AuditEventType, AuditRecorder, EventRef, NullAuditRecorder
+Record through :class:`AuditRecorder` (``betrace.audit.events``); build the
+process's recorder with ``betrace.audit.store.recorder_for(settings)``; read
+with ``betrace.audit.store.AuditStore``.
+"""
 
-__all__ = ["AuditEventType", "AuditRecorder", "EventRef", "NullAuditRecorder"]
+from betrace.audit.events import (
+    AUDIT_PARENT_FIELD,
+    AuditEventType,
+    AuditRecorder,
+    ClosableAuditRecorder,
+    EventRef,
+    NullAuditRecorder,
+    derived_event_id,
+)
+
+__all__ = [
+    "AUDIT_PARENT_FIELD",
+    "AuditEventType",
+    "AuditRecorder",
+    "ClosableAuditRecorder",
+    "EventRef",
+    "NullAuditRecorder",
+    "derived_event_id",
+]

@@ -49,6 +49,9 @@ class TopicSettings(BaseModel):
     )
     spans: str = Field("betrace.spans", min_length=1, description="ingest -> assemble")
     traces: str = Field("betrace.traces", min_length=1, description="assemble -> evaluate")
+    store: str = Field(
+        "betrace.store", min_length=1, description="ingest -> span store sink, partitioned by tenant"
+    )
     signals: str = Field("betrace.signals", min_length=1, description="signal output")
     dlq: str = Field("betrace.dlq", min_length=1, description="dead letters")
     rules: str = Field(
