@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from betrace.observability.lag_monitor import LagMonitor
+
+if TYPE_CHECKING:
+    from betrace.config import Settings
+    from betrace.resilience.backpressure import Backpressure
+    from betrace.resilience.breakers import Breaker, BreakerRegistry
+    from betrace.resilience.wiring import Resilience
 
 logger = logging.getLogger(__name__)
 
@@ -104,3 +111,101 @@ def assignment_check(app: Any) -> Check:
         return CheckResult(True, f"{len(assigned)} partitions assigned")
 
     return check
+
+
+#: Breakers on the write path: open means writes are being spooled or held.
+CRITICAL_BREAKERS = frozenset({"ledger", "duckdb", "rules"})
+
+
+def breaker_check(registry: BreakerRegistry, critical: frozenset[str] = CRITICAL_BREAKERS) -> Check:
+    """Not ready while a write-path breaker is open; the reason names it and its last error.
+
+    Breakers with a fallback (``redis`` falls back to in-process caches,
+    ``cold_storage`` retries archival later) are reported as degraded, not
+    as failing readiness.
+    """
+
+    def describe(b: Breaker) -> str:
+        return f"{b.name} open (retry in {b.retry_after():.0f}s, last error: {b.last_error or 'n/a'})"
+
+    def check() -> CheckResult:
+        breakers = sorted(registry.all(), key=lambda b: b.name)
+        failing = [describe(b) for b in breakers if b.state == "open" and b.name in critical]
+        if failing:
+            return CheckResult(False, "; ".join(failing))
+        if not breakers:
+            return CheckResult(True, "no breaker used yet")
+        degraded = [f"degraded: {describe(b)}" for b in breakers if b.state == "open"]
+        states = ", ".join(f"{b.name} {b.state}" for b in breakers if b.state != "open")
+        return CheckResult(True, "; ".join([*degraded, states] if states else degraded))
+
+    return check
+
+
+def spool_check(pending: Callable[[], dict[str, int]], max_items: int) -> Check:
+    """Not ready while a spool holds more than ``max_items`` writes waiting for replay."""
+
+    def check() -> CheckResult:
+        depth = pending()
+        over = {name: n for name, n in depth.items() if n > max_items}
+        if over:
+            return CheckResult(
+                False,
+                ", ".join(
+                    f"spool {n} holds {c} items (threshold {max_items})" for n, c in sorted(over.items())
+                ),
+            )
+        if not depth:
+            return CheckResult(True, "no spools")
+        return CheckResult(True, ", ".join(f"spool {n}: {c} items" for n, c in sorted(depth.items())))
+
+    return check
+
+
+def backpressure_check(backpressure: Backpressure) -> Check:
+    """Not ready while a bounded buffer or spool is saturated (partitions are paused)."""
+
+    def check() -> CheckResult:
+        reasons = backpressure.reasons()
+        if reasons:
+            return CheckResult(False, "; ".join(reasons))
+        return CheckResult(True, f"fullest buffer at {backpressure.level():.0%}")
+
+    return check
+
+
+def tcp_check(name: str, addresses: str, *, timeout_s: float = 0.5) -> Check:
+    """Reachability of a TCP dependency (TigerBeetle replicas): any address accepting a connect.
+
+    ``addresses`` is TigerBeetle's format: comma-separated ``host:port`` or bare ports.
+    """
+    targets: list[tuple[str, int]] = []
+    for part in (p.strip() for p in addresses.split(",")):
+        if not part:
+            continue
+        host, _, port = part.rpartition(":")
+        targets.append((host or "127.0.0.1", int(port)))
+
+    def check() -> CheckResult:
+        errors = []
+        for host, port in targets:
+            try:
+                with socket.create_connection((host, port), timeout=timeout_s):
+                    return CheckResult(True, f"{name} reachable at {host}:{port}")
+            except OSError as exc:
+                errors.append(f"{host}:{port}: {exc}")
+        return CheckResult(False, f"{name} unreachable ({'; '.join(errors) or 'no address'})")
+
+    return check
+
+
+def resilience_checks(resilience: Resilience, settings: Settings) -> dict[str, Check]:
+    """Breakers, spool depth, backpressure, and the ledger's reachability when it is TigerBeetle."""
+    checks = {
+        "breakers": breaker_check(resilience.breakers),
+        "spools": spool_check(resilience.pending_items, settings.resilience.spool_ready_max_items),
+        "backpressure": backpressure_check(resilience.backpressure),
+    }
+    if settings.tigerbeetle_addresses:
+        checks["ledger"] = tcp_check("TigerBeetle", settings.tigerbeetle_addresses)
+    return checks
