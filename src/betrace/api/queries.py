@@ -5,6 +5,12 @@ physical (which file is opened), never a ``WHERE tenant = ...`` that a bug
 could drop. Lists are keyset-paginated on ``(ingested_ns, trace_id)`` /
 ``(recorded_ns, signal_id)`` (see :mod:`betrace.api.cursor`); ``offset``
 is still accepted for clients that page by position.
+
+Hot and cold: every function takes ``tables``, a ``WITH`` prefix from
+:meth:`betrace.archive.coldread.ColdCatalog.attach` that puts the tenant's
+archived Parquet files behind the same table names (``spans``, ``traces``,
+``trace_summaries``, ``signals``), so the same SQL answers over both tiers and
+a result does not change when its day is archived.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from typing import Any
 
 import duckdb
 import orjson
+
+from betrace.archive.coldread import HOT, Tables
 
 TRACE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 ATTRIBUTE_KEY_RE = re.compile(r"^[A-Za-z0-9_.\-/:]{1,128}$")
@@ -109,12 +117,14 @@ def _span(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def get_trace(con: duckdb.DuckDBPyConnection, trace_id: str) -> dict[str, Any] | None:
+def get_trace(
+    con: duckdb.DuckDBPyConnection, trace_id: str, *, tables: Tables = HOT
+) -> dict[str, Any] | None:
     """The whole trace (summary and every span, by start time), or None."""
-    summary = _rows(con, TRACE_BY_ID_SQL, [trace_id], TRACE_COLUMNS)
+    summary = _rows(con, tables.prefix + TRACE_BY_ID_SQL, [trace_id], TRACE_COLUMNS)
     if not summary:
         return None
-    spans = _rows(con, SPANS_BY_TRACE_SQL, [trace_id], SPAN_COLUMNS)
+    spans = _rows(con, tables.prefix + SPANS_BY_TRACE_SQL, [trace_id], SPAN_COLUMNS)
     return {**summary[0], "spans": [_span(s) for s in spans]}
 
 
@@ -130,6 +140,7 @@ def list_traces(
     service: str | None = None,
     attribute: tuple[str, str] | None = None,
     page: Page = Page(),
+    tables: Tables = HOT,
 ) -> Result:
     """Trace summaries whose start is in [start_ns, end_ns), by ingest order."""
     part_where, where = ["TRUE"], ["TRUE"]
@@ -156,11 +167,12 @@ def list_traces(
     if page.after is not None:
         where.append("(ingested_ns > ? OR (ingested_ns = ? AND trace_id > ?))")
         params.extend([page.after[0], page.after[0], page.after[1]])
-    sql = (
+    body = (
         f"SELECT {', '.join(TRACE_COLUMNS)} FROM traces "  # noqa: S608 - fixed clauses, bound values
         f"WHERE trace_id IN (SELECT trace_id FROM trace_summaries WHERE {' AND '.join(part_where)}) "
         f"AND {' AND '.join(where)} ORDER BY ingested_ns, trace_id"
     )
+    sql = tables.prefix + body
     return _paged(
         con, sql, [*params_parts, *params], TRACE_COLUMNS, page=page, key=("ingested_ns", "trace_id")
     )
@@ -174,6 +186,7 @@ def spans_with_attribute(
     start_ns: int | None = None,
     end_ns: int | None = None,
     limit: int = 100,
+    tables: Tables = HOT,
 ) -> list[dict[str, Any]]:
     """Spans whose attribute ``key`` equals ``value`` (as a string), by start time."""
     where = ["json_extract_string(attributes, ?) = ?"]
@@ -184,10 +197,11 @@ def spans_with_attribute(
     if end_ns is not None:
         where.append("start_ns < ?")
         params.append(end_ns)
-    sql = (
+    body = (
         f"SELECT {', '.join(SPAN_COLUMNS)} FROM spans "  # noqa: S608 - fixed clauses, bound values
         f"WHERE {' AND '.join(where)} ORDER BY start_ns, span_id LIMIT ?"
     )
+    sql = tables.prefix + body
     return [_span(r) for r in _rows(con, sql, [*params, limit], SPAN_COLUMNS)]
 
 
@@ -199,6 +213,7 @@ def list_signals(
     end_ns: int | None = None,
     severities: tuple[str, ...] = (),
     page: Page = Page(),
+    tables: Tables = HOT,
 ) -> Result:
     """Signals detected in [start_ns, end_ns), by the order they were recorded."""
     where: list[str] = ["TRUE"]
@@ -222,5 +237,6 @@ def list_signals(
         c if c != "detected_at" else "strftime(detected_at AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%S.%gZ')"
         for c in SIGNAL_COLUMNS
     )
-    sql = f"SELECT {cols} FROM signals WHERE {' AND '.join(where)} ORDER BY recorded_ns, signal_id"  # noqa: S608
+    body = f"SELECT {cols} FROM signals WHERE {' AND '.join(where)} ORDER BY recorded_ns, signal_id"  # noqa: S608
+    sql = tables.prefix + body
     return _paged(con, sql, params, SIGNAL_COLUMNS, page=page, key=("recorded_ns", "signal_id"))
