@@ -20,7 +20,12 @@ STEP_ID = "ingest"
 
 
 class DedupeCache:
-    """Recently seen ``(tenant, trace_id, span_id)`` keys, bounded in memory.
+    """Recently seen span versions, bounded in memory.
+
+    The key is ``tenant/trace_id/span_id/start/end/status``: an exact replay is
+    dropped, while a newer version of a span (a later end time, another
+    status) or a conflicting one (another start) passes on to the span store,
+    which upserts it, and to the integrity checks.
 
     Two generations: when the young one fills, the old one is dropped. A key
     is remembered for between ``capacity/2`` and ``capacity`` inserts. The
@@ -53,6 +58,20 @@ class DedupeCache:
 
 
 @dataclass(slots=True)
+class IngestTotals:
+    """What this stage saw since start: the ingestion run of a worker session reads it."""
+
+    messages: int = 0
+    spans: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    forwarded: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    #: Where the latest dead letters came from (topic[partition]@offset: reason), newest last.
+    samples: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class IngestResult:
     partitions: list[tuple[int, pa.Table]] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
@@ -74,6 +93,22 @@ class IngestStage:
         self.partitions = settings.topics.partitions
         self.dedupe = DedupeCache(settings.dedupe_cache_size)
         self.hooks = hooks
+        self.totals = IngestTotals()
+
+    def dedupe_table(self, table: pa.Table) -> pa.Table:
+        """Drop span versions seen recently (vectorised key building, one set lookup per span)."""
+        if not table.num_rows:
+            return table
+        keys = pc.binary_join_element_wise(
+            table.column("tenant"),
+            table.column("trace_id"),
+            table.column("span_id"),
+            pc.cast(table.column("start_ns"), pa.string()),
+            pc.cast(table.column("end_ns"), pa.string()),
+            pc.cast(table.column("status_code"), pa.string()),
+            "/",
+        ).to_pylist()
+        return table.filter(pa.array(self.dedupe.fresh_mask(keys), pa.bool_()))
 
     def process(self, records: Sequence[Record]) -> IngestResult:
         decoded = self.decoder.decode(records)
@@ -91,17 +126,24 @@ class IngestStage:
                 dead.reason,
                 dead.detail[:300],
             )
+        totals = self.totals
+        totals.messages += len(records)
+        totals.spans += table.num_rows
+        for dead in decoded.dead_letters:
+            totals.dead_letters += 1
+            totals.reasons[dead.reason] = totals.reasons.get(dead.reason, 0) + 1
+            rec = dead.record
+            totals.samples.append(f"{rec.topic}[{rec.partition}]@{rec.offset}: {dead.reason}")
+        del totals.samples[:-20]
         if table.num_rows:
-            keys = pc.binary_join_element_wise(
-                table.column("tenant"), table.column("trace_id"), table.column("span_id"), "/"
-            ).to_pylist()
-            mask = self.dedupe.fresh_mask(keys)
-            fresh = table.filter(pa.array(mask, pa.bool_()))
+            fresh = self.dedupe_table(table)
             result.duplicates = table.num_rows - fresh.num_rows
+            totals.duplicates += result.duplicates
             if result.duplicates:
                 self.hooks.count("betrace_duplicates_total", result.duplicates, stage=STEP_ID)
             table = fresh
         result.spans = table.num_rows
+        totals.forwarded += table.num_rows
         result.partitions = split_by_partition(table, self.partitions)
         self.hooks.count("betrace_spans_out_total", table.num_rows, stage=STEP_ID)
         return result

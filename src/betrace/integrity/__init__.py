@@ -1,0 +1,1 @@
+"""Trace integrity checks: at close (vectorised, in the downstream worker) and on demand (issue 9)."""
