@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
+
+from faust.web import View
 
 from betrace.observability.health import HealthChecks
 from betrace.observability.lag_monitor import LagMonitor
 from betrace.observability.prometheus import PROMETHEUS_CONTENT_TYPE, PrometheusHooks
+from betrace.receiver import PATH, Receiver
 
 logger = logging.getLogger(__name__)
 
@@ -43,3 +47,22 @@ def register_routes(app: Any, hooks: PrometheusHooks, health: HealthChecks, lag:
     app.page("/health/live", name="betrace-live")(live)
     app.page("/health/ready", name="betrace-ready")(ready)
     app.page("/v1/stats", name="betrace-stats")(stats)
+
+
+def register_receiver(app: Any, receiver: Receiver) -> None:
+    """``POST /v1/traces`` (the OTLP/HTTP receiver) on a faust app; its producer closes with the app."""
+
+    class OtlpTraces(View):
+        async def post(self, request: Any) -> Any:
+            # faust's aiohttp driver hands over aiohttp's own request: the body streams from it.
+            return await receiver.handle(request)
+
+    app.page(PATH, name="betrace-otlp-traces")(OtlpTraces)
+
+    async def lifecycle() -> None:
+        try:
+            await asyncio.Event().wait()  # until faust cancels the task at shutdown
+        finally:
+            await receiver.stop()
+
+    app.task(lifecycle)
