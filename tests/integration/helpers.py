@@ -53,7 +53,13 @@ def wait_until_drained(
 ) -> None:
     """Until the worker's group has committed everything on every stage's input topic."""
     if topics is None:
-        topics = [cfg.topics.input, cfg.topics.spans, cfg.topics.traces, f"{cfg.topics.signals}.pending"]
+        topics = [
+            cfg.topics.input,
+            cfg.topics.spans,
+            cfg.topics.store,
+            cfg.topics.traces,
+            f"{cfg.topics.signals}.pending",
+        ]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert worker.alive, worker.log_tail()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(t.input, t.partitions, {}),
         TopicSpec(t.spans, t.partitions, internal),
         TopicSpec(t.traces, t.partitions, internal),
+        TopicSpec(t.store, t.partitions, internal),
         TopicSpec(verdicts_topic(settings), t.partitions, internal),
         TopicSpec(t.signals, t.partitions, {}),
         TopicSpec(t.dlq, 1, {}),
@@ -64,6 +66,16 @@ def dead_letter_headers(dead: DeadLetter) -> list[tuple[str, bytes]]:
 def partition_of(trace_ids: Iterable[str], partitions: int) -> list[int]:
     """Stable trace-id partitioning, identical in every process and language."""
     return [int(t[:8], 16) % partitions for t in trace_ids]
+
+
+def tenant_partition(tenant: str, partitions: int) -> int:
+    """Stable tenant partitioning (first 4 bytes of SHA-256, big-endian), the same everywhere.
+
+    ``betrace.store`` and ``betrace.signals.pending`` use it, so the worker that
+    holds partition ``p`` of both owns every tenant that hashes to ``p``: its
+    DuckDB file and its embedded ledger file (see docs/architecture.md).
+    """
+    return int.from_bytes(hashlib.sha256(tenant.encode()).digest()[:4], "big") % partitions
 
 
 def partition_column(trace_ids: pa.Array | pa.ChunkedArray, partitions: int) -> pa.Array:

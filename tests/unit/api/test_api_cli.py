@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from betrace.cli import query as query_cmd
 from betrace.cli import serve as serve_cmd
 from betrace.metrics import InMemoryHooks
-from betrace.sinks.ledger import EmbeddedLedger, SignalLedger
+from betrace.sinks.ledger import EmbeddedLedger, SignalLedger, tenant_ledger_path
 
 app = typer.Typer()
 signals_app = typer.Typer()
@@ -31,7 +31,7 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_signals_count_reads_the_ledger(data_dir: Path) -> None:
     async def record() -> None:
-        ledger = SignalLedger(EmbeddedLedger(data_dir / "ledger.duckdb"), hooks=InMemoryHooks())
+        ledger = SignalLedger(EmbeddedLedger(tenant_ledger_path(data_dir, "acme")), hooks=InMemoryHooks())
         docs = [
             {"tenant": "acme", "rule_id": "r1", "rule_version": v, "trace_id": f"{i:032x}", "severity": "low"}
             for i in range(3)
