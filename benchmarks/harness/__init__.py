@@ -1,0 +1,1 @@
+"""Support modules of benchmarks/loadtest.py and benchmarks/bench_tenants.py."""
