@@ -2,7 +2,12 @@
 
     otlp_spans --ingest--> betrace.spans --assemble--> betrace.traces
         --evaluate--> betrace.signals.pending --signal sink--> betrace.signals
-    betrace.spans --span store sink--> DuckDB (one file per tenant)
+    otlp_spans --ingest--> betrace.store --span store sink--> DuckDB (one file per tenant)
+
+``betrace.spans`` and ``betrace.traces`` are partitioned by trace id;
+``betrace.store`` and ``betrace.signals.pending`` by tenant, so the worker
+holding partition p of both owns the files of every tenant hashing to p
+(see :meth:`Pipeline._on_assigned` and docs/architecture.md).
 
 Each agent takes batches with ``take_events`` and finishes its side effects
 (produce, DuckDB write) before the batch is acknowledged; faust flushes the
@@ -15,7 +20,7 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import faust
 import pyarrow as pa
@@ -24,16 +29,22 @@ import pyarrow.compute as pc
 from betrace.agents.assemble import DECISIONS_TABLE, TRACES_TABLE, ClosedTraces, TraceAssembler
 from betrace.agents.evaluate import EvaluateStage
 from betrace.agents.ingest import IngestStage
+from betrace.audit.events import AuditRecorder, NullAuditRecorder
+from betrace.audit.session import WorkerSession
 from betrace.config import Settings
-from betrace.errors import DecodeError
+from betrace.errors import BetraceError, DecodeError
+from betrace.integrity.sink import IntegritySink
 from betrace.metrics import InMemoryHooks, StageHooks
+from betrace.resilience.breakers import RULES, BreakerRegistry
+from betrace.resilience.wiring import Resilience
 from betrace.rules.loader import RuleSource
 from betrace.sinks.duckdb_store import SpanStoreSink, TenantStore
-from betrace.sinks.ledger import SignalLedger, open_ledger
+from betrace.sinks.ledger import TenantLedgers, open_ledger
 from betrace.sinks.signals import SignalSink
 from betrace.streams.admin import MAX_MESSAGE_BYTES
 from betrace.streams.codecs import dumps, ipc_to_table, loads, table_to_ipc
 from betrace.streams.otlp import Record
+from betrace.streams.published import published_keys
 from betrace.streams.topics import (
     DLQ_DETAIL,
     DLQ_OFFSET,
@@ -42,8 +53,14 @@ from betrace.streams.topics import (
     DLQ_TOPIC,
     dead_letter_headers,
     partition_column,
+    split_by_tenant,
+    tenant_partition,
     verdicts_topic,
 )
+
+if TYPE_CHECKING:
+    from betrace.cache.tier import CacheTier
+    from betrace.cache.traces import TraceMetaCache
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +111,20 @@ def _tables(events: list[Any], step: str) -> list[tuple[Any, pa.Table]]:
 class Pipeline:
     """The faust app and the stage objects behind its agents."""
 
-    def __init__(self, settings: Settings, rules: RuleSource, hooks: StageHooks | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        rules: RuleSource,
+        hooks: StageHooks | None = None,
+        *,
+        audit: AuditRecorder | None = None,
+        breakers: BreakerRegistry | None = None,
+    ) -> None:
         self.settings = settings
         self.hooks = hooks or InMemoryHooks()
+        self.rules = rules
+        # Breakers, spools, backpressure and rule quarantine (issue 7, docs/reliability.md).
+        self.resilience = Resilience.build(settings, hooks=self.hooks, audit=audit, breakers=breakers)
         topics = settings.topics
         self.upstream = settings.stages in ("all", "ingest")
         self.downstream = settings.stages in ("all", "downstream")
@@ -123,6 +151,7 @@ class Pipeline:
         self.input_topic = self._topic(topics.input)
         self.spans_topic = self._topic(topics.spans)
         self.traces_topic = self._topic(topics.traces)
+        self.store_topic = self._topic(topics.store)
         self.verdicts_topic = self._topic(verdicts_topic(settings))
         self.signals_topic = self._topic(topics.signals)
         self.dlq_topic = self._topic(topics.dlq)
@@ -135,7 +164,7 @@ class Pipeline:
             hooks=self.hooks,
             policy=settings.assembly_policy,
             # Through the rule source, so that a reloaded rule set is seen at the next window.
-            rules_for=lambda tenant: rules.current().for_tenant(tenant),
+            rules_for=lambda tenant: self.resilience.quarantine.allowed(rules.current().for_tenant(tenant)),
             checkpoint_interval_s=settings.checkpoint_interval_s,
             decision_cache_max=settings.decision_cache_max_traces,
             partitions=topics.partitions,
@@ -154,29 +183,67 @@ class Pipeline:
             for name in ((TRACES_TABLE, DECISIONS_TABLE) if self.downstream else ())
         }
         self._held_partition: dict[int, int] = {}
-        self.evaluate = EvaluateStage(rules, self.hooks)
+        self.audit: AuditRecorder = audit or NullAuditRecorder()
+        self.evaluate = EvaluateStage(rules, self.hooks, audit=self.audit)
+        #: worker.started / worker.stopped of this process (recorded by the worker).
+        self.session = WorkerSession(self.audit, settings)
         self.store = TenantStore(settings.data_dir)
+        if self.downstream:  # several downstream workers: each writes only the tenants it owns
+            self.store.track_ownership(topics.partitions)
+        #: Held while a sink batch writes tenant files; a revocation waits for it.
+        self._owner_lock = asyncio.Lock()
         self.span_sink = SpanStoreSink(self.store, max_rows=settings.store_flush_rows, hooks=self.hooks)
-        # Only the downstream worker owns the ledger file (DuckDB allows one writer).
+        integrity = settings.integrity
+        self.integrity = IntegritySink(
+            self.store,
+            skew_ms=integrity.clock_skew_ms,
+            max_spans=integrity.max_buffered_spans,
+            hooks=self.hooks,
+        )
+        # Downstream only; the embedded ledger is one file per tenant, opened by its owner.
+        addresses = settings.tigerbeetle_addresses
         self.ledger = (
-            SignalLedger(
-                open_ledger(
-                    settings.data_dir,
-                    settings.tigerbeetle_addresses,
-                    cluster_id=settings.tigerbeetle_cluster_id,
-                ),
+            TenantLedgers(
+                settings.data_dir,
                 hooks=self.hooks,
                 flush_items=settings.ledger_flush_items,
                 flush_interval_s=settings.ledger_flush_interval_s,
+                shared=(
+                    open_ledger(settings.data_dir, addresses, cluster_id=settings.tigerbeetle_cluster_id)
+                    if addresses
+                    else None
+                ),
+                owns=self.store.owns,
             )
             if self.downstream
             else None
         )
         self.signal_sink = SignalSink(
-            self.store, self._publish, max_items=100_000, hooks=self.hooks, ledger=self.ledger
+            self.store,
+            self._publish,
+            max_items=100_000,
+            hooks=self.hooks,
+            ledger=self.ledger,
+            audit=self.audit,
+            fence=self._published_already,
         )
+        if self.downstream:
+            self.resilience.guard_span_sink(self.span_sink, [topics.store])
+            self.resilience.guard_signal_sink(self.signal_sink, [verdicts_topic(settings)])
+            self.resilience.backpressure.register(
+                "breaker.rules", self.resilience.rules_breaker_level, [topics.traces]
+            )
+            self.evaluate.quarantine = self.resilience.quarantine
         self._held: dict[int, Any] = {}
         self._seqs = itertools.count()
+        #: The Redis cache tier and the trace metadata shared across workers (set by the worker).
+        self.cache: CacheTier | None = None
+        self.trace_meta: TraceMetaCache | None = None
+        # Trace metadata is looked up only while local decisions may be incomplete: for one
+        # decision window after start / recovery, and after the cap forgot decisions early.
+        windows = [o.decision_cache_s for o in settings.assembly_tenants.values()]
+        self._decision_window_s = max([settings.decision_cache_s, *(w for w in windows if w is not None)])
+        self._meta_lookups_until = time.time() + self._decision_window_s
         self._register()
 
     def _topic(self, name: str) -> Any:
@@ -199,15 +266,26 @@ class Pipeline:
         if not self.downstream:
             return
         agent(self.spans_topic, "betrace.assemble", self._on_spans)
-        agent(self.spans_topic, "betrace.sink.duckdb", self._on_spans_store)
+        agent(self.store_topic, "betrace.sink.duckdb", self._on_spans_store)
         agent(self.traces_topic, "betrace.evaluate", self._on_traces)
         agent(self.verdicts_topic, "betrace.sink.signals", self._on_verdicts)
         interval = min(0.25, self.settings.idle_timeout_s / 4)
         self.app.timer(interval, name="betrace.assemble.close")(self.close_traces)
+        self.app.timer(1.0, name="betrace.integrity.flush")(self.integrity.flush_quietly)
+        if self.settings.integrity.recheck_interval_s > 0:
+            lookback = self.settings.integrity.recheck_lookback_s
+            self.app.timer(self.settings.integrity.recheck_interval_s, name="betrace.integrity.recheck")(
+                lambda: self.integrity.recheck(lookback)
+            )
         if self.ledger is not None:
             flush = self.settings.ledger_flush_interval_s
-            self.app.timer(flush, name="betrace.ledger.flush")(self.ledger.sink.flush_if_due)
+            self.app.timer(flush, name="betrace.ledger.flush")(self.ledger.flush_if_due)
         self.app.on_partitions_revoked.connect(cast(Any, self._on_revoked))  # mode signal typing
+        self.app.on_partitions_assigned.connect(cast(Any, self._on_assigned))
+        self.app.timer(0.5, name="betrace.resilience")(self._resilience_tick)
+
+    async def _resilience_tick(self) -> None:
+        await self.resilience.tick(self.app.consumer, self.rules)
 
     async def _on_input(self, events: list[Any]) -> None:
         result = self.ingest.process([_record(e) for e in events])
@@ -218,15 +296,39 @@ class Pipeline:
         for partition, table in result.partitions:
             for chunk in chunk_by_trace(table, MAX_ROWS_PER_MESSAGE):
                 await self.spans_topic.send(value=table_to_ipc(chunk), partition=partition)
+        # The same spans again, by tenant, for the span store's owner (measured: docs/architecture.md).
+        tables = [table for _, table in result.partitions]
+        if tables:
+            partitions = self.settings.topics.partitions
+            for tenant, table in split_by_tenant(pa.concat_tables(tables)):
+                for chunk in chunk_by_trace(table, MAX_ROWS_PER_MESSAGE):
+                    await self.store_topic.send(
+                        value=table_to_ipc(chunk), partition=tenant_partition(tenant, partitions)
+                    )
 
     async def _on_spans(self, events: list[Any]) -> None:
-        for event, table in _tables(events, "assemble"):
+        tables = _tables(events, "assemble")
+        if self.trace_meta is not None and tables and self._meta_lookups_wanted():
+            # One MGET per batch: traces this worker does not know may have been decided elsewhere.
+            unknown = self.assembler.unknown_traces([table for _, table in tables])
+            if unknown:
+                for trace_id, decision in (await self.trace_meta.lookup(unknown)).items():
+                    self.assembler.restore(DECISIONS_TABLE, trace_id, decision)
+        for event, table in tables:
             seq = next(self._seqs)
             # Hold the message un-acked until all its traces are closed and forwarded.
             event.message.incref()
             self._held[seq] = event
             self._held_partition[seq] = event.message.partition
             self.assembler.add(table, seq, partition=event.message.partition, offset=event.message.offset)
+
+    def _meta_lookups_wanted(self) -> bool:
+        now = time.time()
+        evicted = self.assembler.evicted_at
+        if evicted is not None and evicted > now - self._decision_window_s:
+            # A forgotten decision may still be in Redis (its TTL ends with the window).
+            self._meta_lookups_until = max(self._meta_lookups_until, evicted + self._decision_window_s)
+        return now < self._meta_lookups_until
 
     async def close_traces(self) -> None:
         """Forward what is due, save the state, then release the messages it came from.
@@ -248,6 +350,10 @@ class Pipeline:
                 for w in closed.writes
             ]
         )
+        if self.trace_meta is not None and self.cache is not None:
+            decided = {w.key: w.value for w in closed.writes if w.table == DECISIONS_TABLE and w.value}
+            if decided:  # after the changelog: Redis never knows more than the source of truth
+                self.cache.spawn(self.trace_meta.write_through(decided), cache="trace_meta")
         for seq in closed.released:
             event = self._held.pop(seq, None)
             self._held_partition.pop(seq, None)
@@ -263,8 +369,9 @@ class Pipeline:
             for p in pc.unique(parts).to_pylist():
                 for chunk in chunk_by_trace(spans.filter(pc.equal(parts, p)), MAX_ROWS_PER_MESSAGE):
                     pending.append(await self.traces_topic.send(value=table_to_ipc(chunk), partition=p))
+        self.evaluate.annotate(closed.signals, source="assemble")  # sequence deadlines, late spans
         for doc in closed.signals:
-            pending.append(await self.verdicts_topic.send(key=doc["signal_id"].encode(), value=dumps(doc)))
+            pending.append(await self._send_verdict(doc))
         for dropped in closed.dropped:
             headers = [
                 (DLQ_REASON, dropped.reason.encode()),
@@ -286,6 +393,8 @@ class Pipeline:
 
     async def _restore_state(self) -> None:
         """After recovery: load the recovered assembly state, then drop the raw copy."""
+        # New partitions (a rebalance): their late spans may find their decisions in Redis.
+        self._meta_lookups_until = time.time() + self._decision_window_s
         restored = 0
         for name, table in self.state_tables.items():
             store = table.data
@@ -301,6 +410,7 @@ class Pipeline:
         """Revoked partitions: their new owner recovers the state and replays the input."""
         del sender, signal
         revoked = args[0] if args else kwargs.get("revoked", ())
+        await self._release_tenants(revoked)
         spans = {tp.partition for tp in revoked if tp.topic == self.settings.topics.spans}
         if not spans:
             return
@@ -309,27 +419,132 @@ class Pipeline:
             self._held_partition.pop(seq, None)
         logger.info("assemble: partitions %s revoked; their open traces were dropped", sorted(spans))
 
+    def _owned_events(self, events: list[Any]) -> list[Any]:
+        """Events of partitions this worker still owns; the rest belong to the new owner.
+
+        A batch taken before a revocation may still hold them: skipping them
+        is safe, their offsets are not committed here, the new owner reads them.
+        """
+        owned = self.store.owned_partitions
+        kept = [e for e in events if e.message.partition in owned]
+        if len(kept) < len(events):
+            logger.info("store: skipped %d events of partitions now owned elsewhere", len(events) - len(kept))
+        return kept
+
     async def _on_spans_store(self, events: list[Any]) -> None:
-        for _, table in _tables(events, "span store"):
-            if self.span_sink.full:
-                await self.span_sink.flush()
-            self.span_sink.add(table, size=table.num_rows)
-        await self.span_sink.flush()
+        async with self._owner_lock:
+            for _, table in _tables(self._owned_events(events), "span store"):
+                if self.span_sink.full:
+                    await self.span_sink.flush()
+                self.span_sink.add(table, size=table.num_rows)
+            await self.span_sink.flush()
+
+    async def _on_assigned(self, sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+        """Own the tenants of partitions assigned for *both* tenant-partitioned topics.
+
+        faust's assignor co-partitions topics with the same partition count and
+        the same subscribers (every downstream worker subscribes to both), so
+        the two sets are equal; the intersection keeps one owner per tenant even
+        when they are not (e.g. a rolling upgrade mixing subscriptions).
+        """
+        del sender, signal
+        assigned = args[0] if args else kwargs.get("assigned", ())
+        topics = self.settings.topics
+        store = {tp.partition for tp in assigned if tp.topic == topics.store}
+        pending = {tp.partition for tp in assigned if tp.topic == verdicts_topic(self.settings)}
+        if store != pending:
+            logger.warning(
+                "store: %s partitions %s and %s partitions %s are not co-assigned; owning %s only",
+                topics.store,
+                sorted(store),
+                verdicts_topic(self.settings),
+                sorted(pending),
+                sorted(store & pending),
+            )
+        self.store.assign(store & pending)
+
+    async def _release_tenants(self, revoked: Any) -> None:
+        """Before the new owners open them: finish the batch in flight, flush, close the files."""
+        topics = self.settings.topics
+        gone = {tp.partition for tp in revoked if tp.topic in (topics.store, verdicts_topic(self.settings))}
+        if gone:
+            await self.release_tenants(gone)
+
+    async def release_tenants(self, partitions: set[int] | None = None) -> None:
+        """Give up ``partitions`` (every one when ``None``, at shutdown) and close their files."""
+        if not self.store.tracking:
+            return
+        try:
+            await asyncio.wait_for(self._owner_lock.acquire(), timeout=20.0)
+        except TimeoutError:
+            logger.warning("store: a sink batch is still writing after 20 s; releasing tenants anyway")
+            locked = False
+        else:
+            locked = True
+        try:
+            for sink in (self.span_sink, self.signal_sink, self.integrity):
+                try:
+                    await sink.flush()
+                except Exception:  # its messages are replayed from Kafka by the new owner
+                    logger.warning("store: flushing %s at revocation failed", sink.step_id, exc_info=True)
+            closed = await self.store.release(partitions)
+            if self.ledger is not None:
+                await self.ledger.release([t for t in self.ledger.open_tenants() if not self.store.owns(t)])
+            if closed:
+                logger.info("store: closed tenant files %s for their new owners", closed)
+        finally:
+            if locked:
+                self._owner_lock.release()
 
     async def _on_traces(self, events: list[Any]) -> None:
         tables = [table for _, table in _tables(events, "evaluate")]
         if not tables:
             return
-        for doc in self.evaluate.evaluate(pa.concat_tables(tables)):
-            await self.verdicts_topic.send(key=doc["signal_id"].encode(), value=dumps(doc))
+        closed = pa.concat_tables(tables)
+        if self.settings.integrity.enabled_at_close:
+            self.integrity.offer(closed)  # checked off the loop by a timer; never waits here
+        for doc in await self._evaluate_guarded(closed):
+            await self._send_verdict(doc)
+
+    async def _send_verdict(self, doc: dict[str, Any]) -> Any:
+        """Candidate signals go to their tenant's partition: the tenant's owner records them."""
+        partition = tenant_partition(doc["tenant"], self.settings.topics.partitions)
+        return await self.verdicts_topic.send(
+            key=doc["signal_id"].encode(), value=dumps(doc), partition=partition
+        )
+
+    async def _evaluate_guarded(self, table: pa.Table) -> list[dict[str, Any]]:
+        """Evaluate under the ``rules`` breaker, retrying the batch until it succeeds.
+
+        A failing rule fails the batch until it is quarantined; the batch stays
+        un-acknowledged meanwhile, so no verdict is lost to a transient error.
+        """
+        breaker = self.resilience.breakers.get(RULES)
+        delay = 0.1
+        while True:
+            try:
+                return breaker.call(self.evaluate.evaluate, table)
+            except BetraceError as exc:
+                if not exc.retriable:
+                    raise
+                logger.warning("evaluate: %s; retrying the batch", exc)
+                await asyncio.sleep(max(delay, breaker.retry_after()))
+                delay = min(delay * 2, 2.0)
 
     async def _on_verdicts(self, events: list[Any]) -> None:
-        for event in events:
-            try:
-                self.signal_sink.add(loads(event.message.value))
-            except DecodeError as exc:
-                logger.warning("signal sink: skipping a corrupt candidate signal: %s", exc)
-        await self.signal_sink.flush()
+        async with self._owner_lock:
+            for event in self._owned_events(events):
+                try:
+                    self.signal_sink.add(loads(event.message.value))
+                except DecodeError as exc:
+                    logger.warning("signal sink: skipping a corrupt candidate signal: %s", exc)
+            await self.signal_sink.flush()
+
+    async def _published_already(self, suspects: dict[str, int]) -> set[str]:
+        since_ms = min(suspects.values()) // 1_000_000
+        keys = {signal_id.encode() for signal_id in suspects}
+        found = await published_keys(self.settings.brokers, self.settings.topics.signals, keys, since_ms)
+        return {key.decode() for key in found}
 
     async def _publish(self, docs: list[dict[str, Any]]) -> None:
         pending = [
@@ -345,6 +560,13 @@ class Pipeline:
                 self.hooks.observe("betrace_produce_to_signal_seconds", latency, tenant=doc["tenant"])
 
 
-def build_pipeline(settings: Settings, rules: RuleSource, hooks: StageHooks | None = None) -> Pipeline:
+def build_pipeline(
+    settings: Settings,
+    rules: RuleSource,
+    hooks: StageHooks | None = None,
+    *,
+    audit: AuditRecorder | None = None,
+    breakers: BreakerRegistry | None = None,
+) -> Pipeline:
     """Create the faust app for ``settings`` with every stage registered."""
-    return Pipeline(settings, rules, hooks)
+    return Pipeline(settings, rules, hooks, audit=audit, breakers=breakers)

@@ -17,6 +17,12 @@ Two ways to serve it: inside the worker with :func:`start_api_server` over the
 worker's own :class:`~betrace.sinks.duckdb_store.TenantStore` (live data), or
 from another process (``betrace serve``) with :class:`ReadOnlyStore`, which
 answers 503 while a worker holds a tenant's file (DuckDB's single-writer lock).
+
+With several downstream workers, a worker's store reads the tenants it owns
+through its own connection; a tenant another worker owns is opened read-only
+per request, which only works while no process holds its file, so it is
+usually a 503 with ``Retry-After`` whose reason names the tenant's partition:
+ask the worker that owns it (route by ``tenant_partition``), or retry.
 """
 
 from __future__ import annotations
@@ -40,9 +46,12 @@ from betrace.api import cursor as cursors
 from betrace.api import queries
 from betrace.api.keys import ApiKey, ApiKeyStore, AuthError, ForbiddenError
 from betrace.api.openapi import OPENAPI
+from betrace.archive.coldread import ColdCatalog
+from betrace.config.sections import AuditSettings
 from betrace.errors import BetraceError, SinkError
 from betrace.sinks.duckdb_store import StoreBusyError
 from betrace.sinks.ledger.signals import SignalLedger
+from betrace.sinks.ledger.tenants import TenantLedgers
 
 logger = logging.getLogger(__name__)
 
@@ -136,10 +145,18 @@ def _int(name: str, value: str | None, default: int, low: int, high: int) -> int
 class QueryApi:
     """Request handlers bound to a reader, the key store and (optionally) the ledger."""
 
-    def __init__(self, reader: TraceReader, keys: ApiKeyStore, ledger: SignalLedger | None = None) -> None:
+    def __init__(
+        self,
+        reader: TraceReader,
+        keys: ApiKeyStore,
+        ledger: SignalLedger | TenantLedgers | None = None,
+        cold: ColdCatalog | None = None,
+    ) -> None:
         self.reader = reader
         self.keys = keys
         self.ledger = ledger
+        #: Archived days; with it every trace and signal query reads hot and cold together.
+        self.cold = cold
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="betrace-api")
 
     def close(self) -> None:
@@ -182,6 +199,8 @@ class QueryApi:
         if not self.reader.has_tenant(tenant):
             return None
         with self.reader.cursor(tenant) as con:
+            if self.cold is not None:
+                kwargs["tables"] = self.cold.attach(con)
             return fn(con, *args, **kwargs)
 
     async def trace(self, request: web.Request) -> web.Response:
@@ -294,10 +313,15 @@ async def _errors(
 
 
 def build_app(
-    reader: TraceReader, keys: ApiKeyStore, *, ledger: SignalLedger | None = None
+    reader: TraceReader,
+    keys: ApiKeyStore,
+    *,
+    ledger: SignalLedger | TenantLedgers | None = None,
+    cold: ColdCatalog | None = None,
+    audit: AuditSettings | None = None,
 ) -> web.Application:
     """The aiohttp application; mount it or run it with :func:`start_api_server`."""
-    api = QueryApi(reader, keys, ledger)
+    api = QueryApi(reader, keys, ledger, cold)
     app = web.Application(middlewares=[_errors])
     app[_KEY] = api
     app.router.add_get("/v1/openapi.json", api.openapi)
@@ -305,6 +329,12 @@ def build_app(
     app.router.add_get("/v1/traces/{trace_id}", api.trace)
     app.router.add_get("/v1/signals", api.signals)
     app.router.add_get("/v1/signals/count", api.signal_count)
+    from betrace.api.audit import register_audit_routes  # noqa: PLC0415 - it imports this module
+
+    register_audit_routes(app, api, getattr(reader, "data_dir", None), audit)  # that data dir's trail
+    from betrace.api.ingestion import register_routes  # noqa: PLC0415 - it imports this module
+
+    register_routes(app, api, reader)  # /v1/runs, /v1/anomalies
 
     async def _close(_app: web.Application) -> None:
         api.close()
@@ -336,10 +366,12 @@ async def start_api_server(
     *,
     host: str = "127.0.0.1",
     port: int = 0,
-    ledger: SignalLedger | None = None,
+    ledger: SignalLedger | TenantLedgers | None = None,
+    cold: ColdCatalog | None = None,
+    audit: AuditSettings | None = None,
 ) -> ApiServer:
     """Serve the query API on ``host:port`` in the running event loop (port 0: any free port)."""
-    runner = web.AppRunner(build_app(reader, keys, ledger=ledger), access_log=None)
+    runner = web.AppRunner(build_app(reader, keys, ledger=ledger, cold=cold, audit=audit), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

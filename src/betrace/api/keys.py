@@ -6,6 +6,14 @@ latency). Keys live in one JSON file (``<data_dir>/apikeys.json``, mode 0600)
 so that the CLI can manage them while a worker or ``betrace serve`` is
 running: writers take an exclusive ``flock`` and replace the file atomically,
 readers reload it when it changes. A key authenticates exactly one tenant.
+
+With a cache (``betrace.cache.api_key_cache``), lookups by key id are
+answered from the in-process LRU or Redis. A cached record carries the
+file's (mtime, size) stamp and is used only while the file still has that
+stamp, so any change of the file -- a revocation by any process, even one
+that could not reach Redis -- invalidates every cached record at once;
+``revoke`` also deletes the record from the cache. The secret is still
+checked against the salted digest on every request.
 """
 
 from __future__ import annotations
@@ -23,16 +31,21 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 
 from betrace.errors import BetraceError, ConfigError
+
+if TYPE_CHECKING:
+    from betrace.cache.tier import NamedCache
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "btk"
 KEYS_FILE = "apikeys.json"
 TENANT_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_DECODED_MAX = 10_000
 _TOKEN_RE = re.compile(r"^btk_([0-9a-f]{12})_([A-Za-z0-9_\-]{20,100})$")
 
 
@@ -74,11 +87,53 @@ def _now() -> str:
 class ApiKeyStore:
     """The key file: create, list, revoke (CLI) and authenticate (API)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, cache: NamedCache | None = None) -> None:
         self.path = path
+        self.cache = cache
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
         self._keys: dict[str, ApiKey] = {}
+        # The last decoded cache record per key id: an LRU hit returns the same bytes object.
+        self._decoded: dict[str, tuple[bytes, tuple[int, ...], ApiKey]] = {}
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def _lookup(self, key_id: str) -> ApiKey | None:
+        """The record of ``key_id``: cached while the file is unchanged, else from the file."""
+        cache = self.cache
+        if cache is None:
+            with self._lock:
+                return self._load().get(key_id)
+        stamp = self._file_stamp()
+        raw = cache.get(key_id)
+        if raw is not None:
+            seen = self._decoded.get(key_id)
+            if seen is not None and seen[0] is raw:
+                if seen[1] == stamp:
+                    return seen[2]
+            else:
+                try:
+                    doc = orjson.loads(raw)
+                    decoded = (raw, tuple(doc["stamp"]), ApiKey(**doc["key"]))
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    decoded = None  # an unreadable record: read the file
+                if decoded is not None:
+                    if len(self._decoded) >= _DECODED_MAX:
+                        self._decoded.clear()
+                    self._decoded[key_id] = decoded
+                    if decoded[1] == stamp:
+                        return decoded[2]
+        with self._lock:
+            key = self._load().get(key_id)
+            stamp = self._stamp
+        if key is not None and stamp is not None:
+            cache.set(key_id, orjson.dumps({"stamp": list(stamp), "key": asdict(key)}))
+        return key
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -154,6 +209,8 @@ class ApiKeyStore:
                 return False
             keys[key_id] = replace(key, revoked_at=_now())
             self._save(keys)
+        if self.cache is not None:
+            self.cache.delete(key_id)
         logger.info("revoked API key %s of tenant %r", key_id, tenant)
         return True
 
@@ -167,8 +224,7 @@ class ApiKeyStore:
             msg = "invalid API key"
             raise AuthError(msg)
         key_id, secret = match.groups()
-        with self._lock:
-            key = self._load().get(key_id)
+        key = self._lookup(key_id)
         if key is None or not hmac.compare_digest(key.digest, _digest(key.salt, secret)):
             msg = "invalid API key"
             raise AuthError(msg)

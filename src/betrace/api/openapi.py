@@ -17,6 +17,10 @@ def _param(
     }
 
 
+def _path(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
 _TIME = {"type": "string", "description": "RFC 3339 timestamp or integer nanoseconds since the epoch"}
 _PAGING = [
     _param(
@@ -109,6 +113,75 @@ OPENAPI: dict[str, Any] = {
                 "responses": {**_ok("SignalCount"), **_ERRORS, "404": {"description": "No ledger attached"}},
             }
         },
+        "/v1/audit/events": {
+            "get": {
+                "summary": "The tenant's audit events, newest last, cursor-paginated over (recorded_at, id)",
+                "parameters": [
+                    _param("type", "Comma-separated event types, e.g. signal.emitted,rule.changed."),
+                    _param("actor", "Who caused the event."),
+                    _param("subject", "What the event is about."),
+                    _param("outcome", "ok, failed, open, closed, ..."),
+                    _param("since", "Recorded at or after this time.", schema=_TIME),
+                    _param("until", "Recorded before this time.", schema=_TIME),
+                    *_PAGING[:2],
+                ],
+                "responses": {**_ok("AuditPage"), **_ERRORS},
+            }
+        },
+        "/v1/audit/events/{event_id}": {
+            "get": {
+                "summary": "One audit event",
+                "parameters": [_path("event_id")],
+                "responses": {**_ok("AuditEvent"), **_ERRORS, "404": {"description": "No such event"}},
+            }
+        },
+        "/v1/audit/events/{event_id}/children": {
+            "get": {
+                "summary": "The direct children of an event (an index lookup, never a scan)",
+                "parameters": [_path("event_id"), *_PAGING[:2]],
+                "responses": {**_ok("AuditPage"), **_ERRORS, "404": {"description": "No such event"}},
+            }
+        },
+        "/v1/audit/events/{event_id}/chain": {
+            "get": {
+                "summary": "An event with its ancestors and descendants (bounded depth)",
+                "parameters": [
+                    _path("event_id"),
+                    _param("max_depth", "Levels to walk each way.", schema={"type": "integer", "minimum": 1}),
+                ],
+                "responses": {**_ok("AuditChain"), **_ERRORS, "404": {"description": "No such event"}},
+            }
+        },
+        "/v1/runs": {
+            "get": {
+                "summary": "Ingestion runs (worker sessions, produce and import), newest first",
+                "parameters": [
+                    _param("kind", "worker, produce or import."),
+                    _param("state", "running, finished, failed or stale."),
+                    *_PAGING[:2],
+                ],
+                "responses": {**_ok("Page"), **_ERRORS},
+            }
+        },
+        "/v1/runs/{run_id}": {
+            "get": {
+                "summary": "One ingestion run with its counters and failures",
+                "parameters": [_path("run_id")],
+                "responses": {**_ok("Object"), **_ERRORS, "404": {"description": "No such run"}},
+            }
+        },
+        "/v1/anomalies": {
+            "get": {
+                "summary": "Trace integrity anomalies of the tenant (orphans, missing roots, skew, ...)",
+                "parameters": [
+                    _param("kind", "Anomaly kind, e.g. orphan_span or missing_root."),
+                    _param("state", "open or resolved."),
+                    _param("trace_id", "Only this trace (32 hex digits)."),
+                    *_PAGING,
+                ],
+                "responses": {**_ok("Page"), **_ERRORS},
+            }
+        },
         "/v1/openapi.json": {
             "get": {"summary": "This document", "security": [], "responses": {"200": {"description": "OK"}}}
         },
@@ -198,6 +271,52 @@ OPENAPI: dict[str, Any] = {
                     "items": {"type": "array", "items": {"$ref": "#/components/schemas/Signal"}},
                     "next_cursor": {"type": ["string", "null"]},
                     "limit": {"type": "integer"},
+                },
+            },
+            "Object": {"type": "object"},
+            "Page": {
+                "type": "object",
+                "properties": {
+                    "items": {"type": "array", "items": {"type": "object"}},
+                    "next_cursor": {"type": ["string", "null"]},
+                    "limit": {"type": "integer"},
+                },
+            },
+            "AuditEvent": {
+                "type": "object",
+                "description": "As in docs/audit.md.",
+                "properties": {
+                    "event_id": {"type": "string"},
+                    "event_date": {"type": "string"},
+                    "parent_event_id": {"type": ["string", "null"]},
+                    "parent_event_date": {"type": ["string", "null"]},
+                    "event_type": {"type": "string"},
+                    "actor": {"type": "string"},
+                    "tenant": {"type": ["string", "null"]},
+                    "subject": {"type": "string"},
+                    "outcome": {"type": "string"},
+                    "payload": {"type": "object"},
+                    "recorded_at": {"type": "integer"},
+                },
+            },
+            "AuditPage": {
+                "type": "object",
+                "properties": {
+                    "items": {"type": "array", "items": {"$ref": "#/components/schemas/AuditEvent"}},
+                    "next_cursor": {"type": ["string", "null"]},
+                    "resume_cursor": {"type": ["string", "null"]},
+                    "limit": {"type": "integer"},
+                },
+            },
+            "AuditChain": {
+                "type": "object",
+                "properties": {
+                    "event": {"$ref": "#/components/schemas/AuditEvent"},
+                    "ancestors": {"type": "array", "items": {"$ref": "#/components/schemas/AuditEvent"}},
+                    "descendants": {"type": "array", "items": {"$ref": "#/components/schemas/AuditEvent"}},
+                    "hidden": {"type": "integer"},
+                    "truncated": {"type": "boolean"},
+                    "max_depth": {"type": "integer"},
                 },
             },
             "SignalCount": {

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import SecretStr
 from rich.table import Table
 
 from betrace.api.signals import tail_signals
@@ -17,6 +18,7 @@ from betrace.cli.common import console, fail_clearly, out, project_root, setting
 from betrace.cli.progress import produce_with_progress
 from betrace.config import Settings, TopicSettings
 from betrace.dev.kafka import KafkaDevError, LocalKafka
+from betrace.dev.redis import project_redis
 from betrace.dev.worker import WorkerProcess
 from betrace.errors import BetraceError, BrokerError, DevEnvironmentError
 from betrace.sinks.duckdb_store import TenantStore
@@ -53,6 +55,7 @@ def demo_settings(base: Settings, run_id: str, data_root: Path, idle_timeout_s: 
         input=prefix + "otlp_spans",
         spans=prefix + "spans",
         traces=prefix + "traces",
+        store=prefix + "store",
         signals=prefix + "signals",
         rules=prefix + "rules",
         dlq=prefix + "dlq",
@@ -114,8 +117,8 @@ def demo(
 
     Prints expected vs detected signals, what was stored in DuckDB and the
     throughput. Exits 0 only if the detected signals equal the ground truth and
-    every span is stored exactly once. The broker keeps running afterwards
-    ('betrace dev down' stops it).
+    every span is stored exactly once. The broker and the local Redis (the
+    cache tier) keep running afterwards ('betrace dev down' stops them).
     """
     base = settings()
     root = project_root()
@@ -128,6 +131,12 @@ def demo(
             except KafkaDevError as exc:
                 raise DevEnvironmentError(str(exc)) from None
             base = base.model_copy(update={"brokers": kafka.bootstrap_servers})
+            if base.cache.enabled:
+                server = project_redis(root)
+                console.print(f"starting the local Redis cache tier on port {server.port}…")
+                server.start()
+                cache = base.cache.model_copy(update={"url": SecretStr(server.url)})
+                base = base.model_copy(update={"cache": cache})
         run_id = time.strftime("%Y%m%d-%H%M%S")
         cfg = demo_settings(base, run_id, root / ".dev" / "demo", idle_timeout)
         asyncio.run(ensure_topics(cfg))

@@ -11,12 +11,20 @@ import orjson
 import typer
 
 from betrace import __version__
+from betrace.cli import archive as archive_cmd
+from betrace.cli import audit as audit_cmd
+from betrace.cli import bench as bench_cmd
 from betrace.cli import demo as demo_cmd
 from betrace.cli import dev as dev_cmd
+from betrace.cli import importer as importer_cmd
+from betrace.cli import integrity as integrity_cmd
 from betrace.cli import lag as lag_cmd
 from betrace.cli import query as query_cmd
+from betrace.cli import receive as receive_cmd
 from betrace.cli import rules as rules_cmd
+from betrace.cli import runs as runs_cmd
 from betrace.cli import serve as serve_cmd
+from betrace.cli import storage as storage_cmd
 from betrace.cli.common import STATE, fail_clearly, out, settings
 
 app = typer.Typer(
@@ -39,10 +47,18 @@ app.add_typer(signals_app, name="signals")
 app.add_typer(dev_cmd.app, name="dev")
 app.add_typer(rules_cmd.app, name="rules")
 app.command("demo")(demo_cmd.demo)
+app.command("bench")(bench_cmd.bench)
 app.command("lag")(lag_cmd.lag)
 app.command("serve")(serve_cmd.serve)
+app.command("receive")(receive_cmd.receive)
 app.add_typer(serve_cmd.apikeys_app, name="apikeys")
+app.add_typer(runs_cmd.app, name="runs")
+app.add_typer(integrity_cmd.app, name="integrity")
+app.command("import")(importer_cmd.import_command)
 signals_app.command("count")(query_cmd.signals_count)
+app.add_typer(archive_cmd.app, name="archive")
+app.add_typer(storage_cmd.app, name="storage")
+app.add_typer(audit_cmd.app, name="audit")
 
 
 def _version(value: bool) -> None:
@@ -129,9 +145,10 @@ def produce(
     Example: betrace produce -n 100000 --tenants default,acme --violation-rate 0.1
     """
     from betrace.cli.progress import produce_with_progress
+    from betrace.ingestion.runs import recorded_run
 
     cfg = settings()
-    with fail_clearly():
+    with fail_clearly(), recorded_run(cfg, "produce", topic or cfg.topics.input, actor="cli:produce") as run:
         stats, generator = produce_with_progress(
             cfg,
             spans=spans,
@@ -142,6 +159,7 @@ def produce(
             by_trace_id=by_trace_id,
             topic=topic,
         )
+        run.counts.messages, run.counts.spans = stats.messages, stats.spans
     if truth is not None:
         with truth.open("wb") as fh:
             for tenant, rule, trace_id in sorted(generator.truth.expected):

@@ -57,17 +57,22 @@ def _from_api(url: str, api_key: str, rule: str, tenant: str | None) -> dict[str
 
 def _from_ledger(rule: str, tenant: str) -> dict[str, Any]:
     from betrace.metrics import InMemoryHooks
-    from betrace.sinks.ledger import SignalLedger, open_ledger
+    from betrace.sinks.ledger import SignalLedger, open_ledger, tenant_ledger_path
 
     cfg = settings()
     addresses, cluster = cfg.tigerbeetle_addresses, cfg.tigerbeetle_cluster_id
-    ledger = SignalLedger(
-        open_ledger(cfg.data_dir, addresses, cluster_id=cluster, read_only=True), hooks=InMemoryHooks()
-    )
-    try:
-        counts = ledger.counts(tenant, rule)
-    finally:
-        ledger.shutdown()
+    path = tenant_ledger_path(cfg.data_dir, tenant)
+    if not addresses and not path.exists() and path.parent.is_dir():
+        counts = []  # embedded ledgers exist, one per tenant, but this tenant never had a signal
+    else:
+        ledger = SignalLedger(
+            open_ledger(cfg.data_dir, addresses, cluster_id=cluster, read_only=True, tenant=tenant),
+            hooks=InMemoryHooks(),
+        )
+        try:
+            counts = ledger.counts(tenant, rule)
+        finally:
+            ledger.shutdown()
     return {
         "rule": rule,
         "tenant": tenant,

@@ -23,6 +23,7 @@ from rich.markup import escape
 from betrace.cli.common import console, out, settings
 from betrace.config import Settings
 from betrace.errors import BetraceError, RuleError
+from betrace.resilience.quarantine import QUARANTINE_FILE, read_quarantine
 from betrace.rules.model import LANGUAGES, SEVERITIES, Rule
 from betrace.rules.registry import DEFAULT_TOPIC, RegistryState, RuleVersion
 
@@ -427,13 +428,21 @@ def list_rules(
             versions = _seed_versions(cfg, tenant, include_disabled=show_all)
         else:
             versions = _read(cfg).latest_all(include_disabled=show_all, tenant=tenant)
+    # Quarantined rule versions, as the worker sharing this data directory wrote them.
+    quarantined = {
+        (q.tenant, q.rule_id, q.version): q.reason for q in read_quarantine(cfg.data_dir / QUARANTINE_FILE)
+    }
     if as_json:
-        _print_json([_doc(v) for v in versions])
+        docs = [_doc(v) for v in versions]
+        for doc, v in zip(docs, versions, strict=True):
+            doc["quarantined"] = quarantined.get((v.rule.tenant, v.rule.id, v.rule.version))
+        _print_json(docs)
         return
     if not versions:
         _plain("no rules" + (f" for tenant {tenant}" if tenant else ""))
     for version in versions:
-        _plain(_line(version))
+        reason = quarantined.get((version.rule.tenant, version.rule.id, version.rule.version))
+        _plain(_line(version) + (f"  QUARANTINED: {reason}" if reason else ""))
 
 
 def _seed_versions(cfg: Settings, tenant: str | None, *, include_disabled: bool) -> list[RuleVersion]:

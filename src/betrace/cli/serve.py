@@ -97,6 +97,8 @@ def serve(
     """Serve the query API (traces, signals, counters) over the tenant files, read-only."""
     from betrace.api.http import ReadOnlyStore, start_api_server
     from betrace.api.keys import ApiKeyStore
+    from betrace.archive.coldread import ColdCatalog
+    from betrace.sinks.cold import open_cold_storage
 
     cfg = settings()
     keys = ApiKeyStore(_keys_path(keys_file))
@@ -107,7 +109,8 @@ def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
-        server = await start_api_server(ReadOnlyStore(cfg.data_dir), keys, host=host, port=port)
+        cold = ColdCatalog(open_cold_storage(cfg.cold, cfg.data_dir))  # archived days, read with hot ones
+        server = await start_api_server(ReadOnlyStore(cfg.data_dir), keys, host=host, port=port, cold=cold)
         out.print(f"query API on {server.url} (OpenAPI: {server.url}/v1/openapi.json); Ctrl-C to stop")
         try:
             await stop.wait()

@@ -100,7 +100,7 @@ def _location(raw: Any, loc: tuple[int | str, ...]) -> str:
     return where
 
 
-def parse_rule_file(path: Path) -> list[Rule]:
+def parse_rule_file(path: Path, compile_fn: Callable[[Rule], CompiledRule] = compile_rule) -> list[Rule]:
     """Validate and compile one tenant file; raise :class:`RuleError` naming the problem."""
     try:
         raw: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -121,22 +121,22 @@ def parse_rule_file(path: Path) -> list[Rule]:
             raise RuleError(msg)
         seen.add(rule.id)
         try:
-            compile_rule(rule)
+            compile_fn(rule)
         except RuleError as exc:
             msg = f"{path}: rule {rule.id!r}: {exc}"
             raise RuleError(msg) from None
     return rules
 
 
-def load_rules(rules_dir: Path) -> RuleSet:
-    """Load every ``*.yaml``/``*.yml`` file in ``rules_dir``."""
+def load_rules(rules_dir: Path, compile_fn: Callable[[Rule], CompiledRule] = compile_rule) -> RuleSet:
+    """Load every ``*.yaml``/``*.yml`` file in ``rules_dir`` (``compile_fn``: e.g. a cache's)."""
     if not rules_dir.is_dir():
         msg = f"rules directory {rules_dir} does not exist (set BETRACE_RULES_DIR)"
         raise RuleError(msg)
     rules: list[Rule] = []
     tenants: dict[str, Path] = {}
     for path in sorted([*rules_dir.glob("*.yaml"), *rules_dir.glob("*.yml")]):
-        file_rules = parse_rule_file(path)
+        file_rules = parse_rule_file(path, compile_fn)
         for rule in file_rules:
             if rule.tenant in tenants and tenants[rule.tenant] != path:
                 msg = f"{path}: tenant {rule.tenant!r} already defined in {tenants[rule.tenant]}"
@@ -144,4 +144,4 @@ def load_rules(rules_dir: Path) -> RuleSet:
             tenants[rule.tenant] = path
         rules.extend(file_rules)
     logger.info("loaded %d rules for %d tenants from %s", len(rules), len(tenants), rules_dir)
-    return RuleSet(rules)
+    return RuleSet(rules, compile_fn)

@@ -22,17 +22,22 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiokafka.errors import KafkaError
 
+from betrace.audit.events import AuditRecorder
+from betrace.audit.rules import RuleAuditor
 from betrace.errors import BrokerError, RuleError
 from betrace.rules.engine import compile_rule
 from betrace.rules.loader import RuleSet
 from betrace.rules.model import CompiledRule, Rule
 from betrace.rules.registry import DEFAULT_TOPIC, RegistryState, seed_versions
 from betrace.rules.store import TopicReader, ensure_rules_topic, publish
+
+if TYPE_CHECKING:
+    from betrace.cache.rules import RuleSetCache
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +64,9 @@ class RuleWatcher:
         timeout_s: float = 10.0,
         poll_ms: int = 500,
         retry_s: float = 2.0,
+        rule_cache: RuleSetCache | None = None,
+        warm: bool = True,
+        audit: AuditRecorder | None = None,
     ) -> None:
         self.brokers = brokers
         self.topic = topic
@@ -78,6 +86,12 @@ class RuleWatcher:
         self._cached_records = -1
         self._primed = False
         self._task: asyncio.Task[None] | None = None
+        #: Compiles through the cache tier (see betrace.cache.rules) when given.
+        self.rule_cache = rule_cache
+        self.warm = warm
+        #: Records each rule version in the audit trail once (see betrace.audit.rules).
+        self.auditor = RuleAuditor(audit) if audit is not None else None
+        self._publishes: set[asyncio.Task[int]] = set()
 
     # -- RuleSource ------------------------------------------------------------------
 
@@ -94,13 +108,29 @@ class RuleWatcher:
         cannot be reached, falls back to the local copy; with no copy either,
         raises :class:`BrokerError` (the worker must not run rule-less).
         """
+        warmed: list[CompiledRule] = []
+        if self.rule_cache is not None and self.warm:
+            # Compiles what Redis says is in force, so the topic read below finds it in the LRU.
+            warmed = await self.rule_cache.warm()
         try:
             reader = await self._sync()
             await reader.close()
         except BrokerError as exc:
-            if not self._load_cache():
+            if self._load_cache():
+                logger.warning("rules topic unavailable (%s); using the local copy %s", exc, self.cache_path)
+            elif warmed:
+                logger.warning(
+                    "rules topic unavailable (%s) and no local copy; using the rules cached in Redis", exc
+                )
+                self._ruleset = RuleSet.from_compiled(warmed)
+                self.generation += 1
+            else:
                 raise
-            logger.warning("rules topic unavailable (%s); using the local copy %s", exc, self.cache_path)
+        finally:
+            if self.rule_cache is not None:
+                # prime() often runs in its own event loop (before faust's): close its connections.
+                await self.drain()
+                await self.rule_cache.release()
         self._primed = True
         return self._ruleset
 
@@ -159,6 +189,9 @@ class RuleWatcher:
                 while True:
                     if await reader.poll(self.poll_ms):
                         self._install(reader)
+                    elif self.rule_cache is not None:
+                        # Redis may have lost the definitions (restart without persistence, eviction).
+                        await self.rule_cache.refresh(self._ruleset.rules)
             except (BrokerError, RuleError, KafkaError, OSError) as exc:
                 logger.warning("rules topic %s: %s; retrying in %.0fs", self.topic, exc, self.retry_s)
             finally:
@@ -168,6 +201,15 @@ class RuleWatcher:
             await asyncio.sleep(self.retry_s)
 
     def _compile(self, rule: Rule) -> CompiledRule:
+        if self.rule_cache is not None:
+            broken = self._broken.get(rule)
+            if broken is not None:
+                raise broken
+            try:
+                return self.rule_cache.compile(rule)
+            except RuleError as exc:
+                self._broken[rule] = exc
+                raise
         compiled = self._compiled.get(rule)
         if compiled is not None:
             return compiled
@@ -184,6 +226,8 @@ class RuleWatcher:
 
     def _install(self, reader: TopicReader) -> None:
         self.state = reader.state
+        if self.auditor is not None:
+            self.auditor.observe(self.state)
         self._activate()
         if len(reader.records) != self._cached_records:
             self._write_cache(reader.records)
@@ -200,6 +244,9 @@ class RuleWatcher:
         # Drop compiled versions no longer in force (they hold attribute-key registrations).
         live = {c.rule for c in compiled}
         self._compiled = {rule: c for rule, c in self._compiled.items() if rule in live}
+        if self.rule_cache is not None:
+            self.rule_cache.retire(live)
+            self._publish_soon(list(live))
         added = sorted(f"{t}/{i}@v{v}" for t, i, v in set(signature) - before)
         removed = sorted(f"{t}/{i}@v{v}" for t, i, v in before - set(signature))
         logger.info(
@@ -209,6 +256,22 @@ class RuleWatcher:
             ", ".join(added) or "-",
             ", ".join(removed) or "-",
         )
+
+    def _publish_soon(self, rules: list[Rule]) -> None:
+        """Write the rule sets in force to Redis in the background (never delays the swap)."""
+        if self.rule_cache is None:
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(self.rule_cache.publish(rules))
+        except RuntimeError:  # no loop (a synchronous caller): nothing to share with
+            return
+        self._publishes.add(task)
+        task.add_done_callback(self._publishes.discard)
+
+    async def drain(self) -> None:
+        """Wait for background publishes to Redis (tests and orderly shutdown)."""
+        while self._publishes:
+            await asyncio.gather(*list(self._publishes), return_exceptions=True)
 
     # -- local copy --------------------------------------------------------------------
 

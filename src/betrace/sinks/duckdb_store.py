@@ -1,16 +1,32 @@
 """DuckDB hot trace storage: one file per tenant, batched Arrow appends.
 
-Exactly one process writes a tenant file (DuckDB allows one writer). DuckDB
-also refuses a read-only open from another process while the writer holds the
-file, so: the query API served *inside* the worker reads through the owner's
-connection (:meth:`TenantStore.cursor`), and other processes (``betrace
-serve``, CLI queries) open read-only per request and get a clear
-:class:`StoreBusyError` (retriable) while a worker owns the file.
+Exactly one process writes a tenant file (DuckDB allows one writer). With
+several downstream workers, a tenant belongs to the worker that holds its
+partition (:func:`betrace.streams.topics.tenant_partition`) of ``betrace.store``
+and ``betrace.signals.pending``: :meth:`TenantStore.track_ownership` makes the
+store refuse (:class:`NotOwnerError`) to open any other tenant for writing,
+:meth:`TenantStore.release` closes the files of revoked partitions after the
+writes in flight, and an open that meets the previous owner's lock retries with
+backoff for ``open_timeout_s``. Every writer open and close is journaled in
+the file's ``_writer_sessions`` table (pid, opened, closed), which shows who
+wrote a file when. DuckDB also refuses a read-only open from another process
+while the writer holds the file, so: the query API served *inside* the worker
+reads owned tenants through the owner's connection (:meth:`TenantStore.cursor`)
+and other tenants through a short read-only open that fails with a retriable
+:class:`StoreBusyError` while their owner holds the file; other processes
+(``betrace serve``, CLI queries) open read-only per request the same way.
 
-Inserts are ``INSERT OR IGNORE`` on the primary keys, so a replayed batch
-stores nothing twice. Every span insert also maintains ``trace_summaries``
-(one row per trace) from exactly the rows that were new, in the same
-transaction, so summaries never count a replayed span. Each new summary and
+Spans are upserted on ``(trace_id, span_id)``: a replayed batch stores
+nothing twice, and a span seen again in a *newer version* — a later end time,
+or at the same end a status ranked higher (unset < error < ok, OK being final
+in OpenTelemetry) — replaces the stored row. The order is total, so replays in
+any order converge on the same row. The fast path is one ``INSERT OR IGNORE``;
+only when some keys already existed does a second, index-driven ``ON CONFLICT
+DO UPDATE`` pass run over the batch. Every span insert also maintains
+``trace_summaries`` (one row per trace) from exactly the rows that were new, in
+the same transaction, so summaries never count a replayed span; a trace with
+an updated span has its summary parts recomputed from its stored spans (its
+``ingested_ns`` is kept). Each new summary and
 signal gets an ``ingested_ns``/``recorded_ns``: a per-file, strictly
 increasing nanosecond timestamp that never changes afterwards — the key of
 the query API's cursors.
@@ -24,6 +40,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -38,8 +56,11 @@ import pyarrow as pa
 
 from betrace.errors import SinkError
 from betrace.metrics import StageHooks
+from betrace.resilience.breakers import Breaker
+from betrace.resilience.guard import SpooledWriter
 from betrace.sinks.base import BatchingSink
-from betrace.streams.topics import split_by_tenant
+from betrace.sinks.span_upsert import SPANS_UPDATE_SQL, SUMMARY_REBUILD_SQL, SUMMARY_REPLACE_SQL, UpsertResult
+from betrace.streams.topics import split_by_tenant, tenant_partition
 
 logger = logging.getLogger(__name__)
 
@@ -143,10 +164,30 @@ SUMMARY_BACKFILL_SQL = (
 DAY_S = 86_400.0
 
 
+def _barrier() -> None:
+    """Queued on a lane's thread: returns once everything queued before it has run."""
+
+
 class StoreBusyError(SinkError):
     """A tenant file is held by another process (the worker that owns it); retry later."""
 
     retriable = True
+
+
+class NotOwnerError(StoreBusyError):
+    """Another worker owns the tenant's partition (and so its file); retry after a rebalance."""
+
+
+WRITER_SESSIONS_SQL = """
+CREATE TABLE IF NOT EXISTS _writer_sessions (
+    pid INTEGER NOT NULL, opened_ns BIGINT NOT NULL, closed_ns BIGINT
+);
+"""
+
+
+def _is_lock_error(exc: duckdb.Error) -> bool:
+    text = str(exc).lower()
+    return "lock" in text or "conflicting" in text
 
 
 class ArchiveStatus(Protocol):
@@ -191,28 +232,130 @@ SIGNAL_COLUMNS = (
 class TenantStore:
     """Owner of every tenant DuckDB file in this process."""
 
-    def __init__(self, data_dir: Path, *, read_only: bool = False) -> None:
+    def __init__(self, data_dir: Path, *, read_only: bool = False, open_timeout_s: float = 30.0) -> None:
         self.data_dir = data_dir
         self.read_only = read_only
+        #: How long a writer open waits out another process's lock (the previous owner closing).
+        self.open_timeout_s = open_timeout_s
         self._conns: dict[str, duckdb.DuckDBPyConnection] = {}
+        #: ``None``: this store owns every tenant (CLI, tests, one worker without tracking).
+        self._partitions: int | None = None
+        self._owned: frozenset[int] = frozenset()
+        self._readers: dict[str, int] = {}  # cursors handed out per tenant (API reads)
+        self._sessions: dict[str, int] = {}  # tenant -> opened_ns of this process's writer session
         self._lock = threading.RLock()  # _open (under the lock) sets the ingest clock
         self._clock: dict[str, int] = {}
         # DuckDB work runs off the event loop. Span appends and signal writes get a
         # thread each, so small signal batches never queue behind large span batches.
         self._executors = {
             lane: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"betrace-duckdb-{lane}")
-            for lane in ("spans", "signals")
+            for lane in ("spans", "signals", "integrity")
         }
 
     def path(self, tenant: str) -> Path:
         return self.data_dir / f"tenant={tenant}.duckdb"
 
-    def tenants(self) -> list[str]:
+    def all_tenants(self) -> list[str]:
+        """Every tenant with a file in ``data_dir``, owned or not."""
         if not self.data_dir.is_dir():
             return []
         return sorted(p.name[len("tenant=") : -len(".duckdb")] for p in self.data_dir.glob("tenant=*.duckdb"))
 
+    def tenants(self) -> list[str]:
+        """The tenants this store may write: all of them, or the owned ones when tracking.
+
+        Periodic jobs that write tenant files (retention, archival, integrity
+        rechecks) iterate this, so in a worker they only touch owned tenants.
+        """
+        return [t for t in self.all_tenants() if self.owns(t)]
+
+    # -- ownership (several downstream workers) -------------------------------------------------
+
+    def track_ownership(self, partitions: int) -> None:
+        """Own only tenants whose partition (out of ``partitions``) is assigned; none until then."""
+        with self._lock:
+            self._partitions = partitions
+            self._owned = frozenset()
+
+    @property
+    def tracking(self) -> bool:
+        return self._partitions is not None
+
+    @property
+    def owned_partitions(self) -> frozenset[int]:
+        return self._owned
+
+    def partition_of(self, tenant: str) -> int | None:
+        return None if self._partitions is None else tenant_partition(tenant, self._partitions)
+
+    def owns(self, tenant: str) -> bool:
+        """Whether this process may open ``tenant``'s file for writing now."""
+        partitions = self._partitions
+        return partitions is None or tenant_partition(tenant, partitions) in self._owned
+
+    def owned_tenants(self) -> list[str]:
+        """Tenants with a file that this process owns now (the same as :meth:`tenants`)."""
+        return self.tenants()
+
+    def assign(self, partitions: set[int]) -> None:
+        """Partitions assigned to this worker: their tenants may be opened from now on."""
+        with self._lock:
+            self._owned = frozenset(partitions)
+        logger.info("store: owning tenant partitions %s", sorted(partitions))
+
+    async def release(self, partitions: set[int] | None = None) -> list[str]:
+        """Give up ``partitions`` (all when ``None``): no new writes, then close their tenants' files.
+
+        Writes already queued on a lane finish first (each lane is one thread, so
+        a no-op behind them is a barrier); API readers get up to 5 s to finish.
+        Returns the tenants whose files were closed.
+        """
+        with self._lock:
+            self._owned = frozenset() if partitions is None else self._owned - partitions
+            doomed = [t for t in self._conns if not self.owns(t)]
+        if not doomed:
+            return []
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(
+            *(loop.run_in_executor(ex, _barrier) for ex in self._executors.values() if not ex._shutdown)
+        )
+        await asyncio.to_thread(self._close_tenants, doomed)
+        logger.info("store: released tenants %s", doomed)
+        return doomed
+
+    def _close_tenants(self, tenants: list[str]) -> None:
+        deadline = time.monotonic() + 5.0
+        for tenant in tenants:
+            while self._readers.get(tenant) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with self._lock:
+                con = self._conns.pop(tenant, None)
+                if con is None or self.owns(tenant):  # reassigned meanwhile: keep it
+                    if con is not None:
+                        self._conns[tenant] = con
+                    continue
+                self._close_connection(tenant, con)
+
+    def _close_connection(self, tenant: str, con: duckdb.DuckDBPyConnection) -> None:
+        opened = self._sessions.pop(tenant, None)
+        try:
+            if opened is not None:
+                con.execute(
+                    "UPDATE _writer_sessions SET closed_ns = ? WHERE pid = ? AND opened_ns = ?",
+                    [time.time_ns(), os.getpid(), opened],
+                )
+        except duckdb.Error as exc:
+            logger.warning("tenant %r: could not journal the writer session's end: %s", tenant, exc)
+        finally:
+            con.close()
+
     def connection(self, tenant: str) -> duckdb.DuckDBPyConnection:
+        if not self.read_only and not self.owns(tenant):
+            msg = (
+                f"tenant {tenant!r} (partition {self.partition_of(tenant)}) is owned by another worker; "
+                "its writes wait for a rebalance to bring it here"
+            )
+            raise NotOwnerError(msg)
         with self._lock:
             con = self._conns.get(tenant)
             if con is None:
@@ -229,7 +372,7 @@ class TenantStore:
                     raise SinkError(msg)
                 return duckdb.connect(str(path), read_only=True)
             path.parent.mkdir(parents=True, exist_ok=True)
-            con = duckdb.connect(str(path))
+            con = self._connect_writer(path)
             had_summaries = bool(
                 con.execute(
                     "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'trace_summaries'"
@@ -238,8 +381,12 @@ class TenantStore:
             )
             con.execute(SCHEMA_SQL)
             self._migrate(con, tenant, backfill=not had_summaries)
+            con.execute(WRITER_SESSIONS_SQL)
+            opened = time.time_ns()
+            con.execute("INSERT INTO _writer_sessions VALUES (?, ?, NULL)", [os.getpid(), opened])
+            self._sessions[tenant] = opened
         except duckdb.Error as exc:
-            if "lock" in str(exc).lower():
+            if _is_lock_error(exc):
                 msg = (
                     f"tenant {tenant!r}: {path} is held by another process (the worker that owns it); "
                     "DuckDB allows no reads from other processes meanwhile: use the worker's query API "
@@ -249,6 +396,24 @@ class TenantStore:
             msg = f"cannot open {path}: {exc}"
             raise SinkError(msg) from exc
         return con
+
+    def _connect_writer(self, path: Path) -> duckdb.DuckDBPyConnection:
+        """Open for writing; wait out another process's lock (a previous owner closing) for a while."""
+        deadline = time.monotonic() + self.open_timeout_s
+        delay, waited = 0.01, False
+        while True:
+            try:
+                con = duckdb.connect(str(path))
+            except duckdb.Error as exc:
+                if not _is_lock_error(exc) or time.monotonic() >= deadline:
+                    raise
+                waited = True
+                time.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not crypto
+                delay = min(delay * 2, 0.25)
+                continue
+            if waited:
+                logger.info("store: %s was held by another process; opened after waiting", path.name)
+            return con
 
     def _migrate(self, con: duckdb.DuckDBPyConnection, tenant: str, *, backfill: bool) -> None:
         """Bring files written by earlier versions up to date; set the ingest clock."""
@@ -278,7 +443,11 @@ class TenantStore:
         return await asyncio.get_running_loop().run_in_executor(self._executors[lane], fn, *args)
 
     def insert_spans(self, tenant: str, table: pa.Table) -> int:
-        """Append spans and update their traces' summaries; return how many spans were new."""
+        """Upsert spans and update their traces' summaries; return how many spans were new."""
+        return self.upsert_spans(tenant, table).inserted
+
+    def upsert_spans(self, tenant: str, table: pa.Table) -> UpsertResult:
+        """Store new spans, replace older versions of known ones; one transaction per batch."""
         con = self.connection(tenant).cursor()
         try:
             con.execute("BEGIN TRANSACTION")
@@ -288,11 +457,21 @@ class TenantStore:
                 if new.num_rows:
                     con.register("_new", new)
                     con.execute(SUMMARY_APPEND_SQL, [tenant, self._stamp(tenant, new.num_rows)])
+                updated = 0
+                if new.num_rows < table.num_rows:
+                    # Some keys were known: replays (nothing to do) or newer versions.
+                    touched = con.sql(SPANS_UPDATE_SQL).to_arrow_table()
+                    updated = touched.num_rows
+                    if updated:
+                        con.register("_touched", touched)
+                        con.execute(SUMMARY_REBUILD_SQL, [tenant])
+                        con.execute(SUMMARY_REPLACE_SQL)
+                        con.unregister("_touched")
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
             con.execute("COMMIT")
-            return int(new.num_rows)
+            return UpsertResult(int(new.num_rows), int(updated))
         except duckdb.Error as exc:
             msg = f"tenant {tenant!r}: span insert failed: {exc}"
             raise SinkError(msg) from exc
@@ -312,9 +491,11 @@ class TenantStore:
                 "? + row_number() OVER () FROM _signals",
                 [self._stamp(tenant, len(docs))],
             )
-            ids = [d["signal_id"] for d in docs]
+            # A join, not list_contains(?, signal_id): that scans the whole table once per
+            # id and made a 100k-signal spool replay quadratic (issue 7, bench_spool.py).
             rows = con.execute(
-                "SELECT signal_id FROM signals WHERE NOT emitted AND list_contains(?, signal_id)", [ids]
+                "SELECT s.signal_id FROM signals s SEMI JOIN (SELECT DISTINCT signal_id FROM _signals) b"
+                " ON s.signal_id = b.signal_id WHERE NOT s.emitted"
             ).fetchall()
         except duckdb.Error as exc:
             msg = f"tenant {tenant!r}: signal insert failed: {exc}"
@@ -329,10 +510,35 @@ class TenantStore:
                 out.append(doc)
         return out
 
+    def unemitted_signals(self, tenant: str, signal_ids: list[str]) -> dict[str, int]:
+        """Of ``signal_ids``, those recorded earlier and not marked emitted: id -> recorded_ns.
+
+        They may have been published by a worker that died before marking them; the
+        signal sink checks the topic before publishing them again.
+        """
+        con = self.connection(tenant).cursor()
+        try:
+            con.register("_ids", pa.table({"signal_id": pa.array(signal_ids, pa.string())}))
+            rows = con.execute(
+                "SELECT s.signal_id, coalesce(s.recorded_ns, 0) FROM signals s"
+                " SEMI JOIN (SELECT DISTINCT signal_id FROM _ids) b ON s.signal_id = b.signal_id"
+                " WHERE NOT s.emitted"
+            ).fetchall()
+        except duckdb.Error as exc:
+            msg = f"tenant {tenant!r}: reading unemitted signals failed: {exc}"
+            raise SinkError(msg) from exc
+        finally:
+            con.close()
+        return {str(r[0]): int(r[1]) for r in rows}
+
     def mark_emitted(self, tenant: str, signal_ids: list[str]) -> None:
         con = self.connection(tenant).cursor()
         try:
-            con.execute("UPDATE signals SET emitted = TRUE WHERE list_contains(?, signal_id)", [signal_ids])
+            con.register("_emitted", pa.table({"signal_id": pa.array(signal_ids, pa.string())}))
+            con.execute(
+                "UPDATE signals SET emitted = TRUE FROM (SELECT DISTINCT signal_id FROM _emitted) e"
+                " WHERE signals.signal_id = e.signal_id AND NOT signals.emitted"
+            )
         except duckdb.Error as exc:
             msg = f"tenant {tenant!r}: marking signals emitted failed: {exc}"
             raise SinkError(msg) from exc
@@ -352,7 +558,45 @@ class TenantStore:
 
     @contextmanager
     def cursor(self, tenant: str) -> Iterator[duckdb.DuckDBPyConnection]:
-        con = self.connection(tenant).cursor()
+        """A cursor on ``tenant``'s file: the owner's connection, else a short read-only open.
+
+        A tenant another worker owns is opened read-only for the duration; that
+        fails with a retriable :class:`StoreBusyError` while its owner holds the
+        file (DuckDB's lock), and any write through it fails.
+        """
+        if not self.read_only and not self.owns(tenant):
+            with self._read_only(tenant) as ro:
+                yield ro
+            return
+        with self._lock:
+            self._readers[tenant] = self._readers.get(tenant, 0) + 1
+        try:
+            con = self.connection(tenant).cursor()
+            try:
+                yield con
+            finally:
+                con.close()
+        finally:
+            with self._lock:
+                self._readers[tenant] -= 1
+
+    @contextmanager
+    def _read_only(self, tenant: str) -> Iterator[duckdb.DuckDBPyConnection]:
+        path = self.path(tenant)
+        if not path.exists():
+            msg = f"no data for tenant {tenant!r} ({path} does not exist)"
+            raise SinkError(msg)
+        try:
+            con = duckdb.connect(str(path), read_only=True)
+        except duckdb.Error as exc:
+            if _is_lock_error(exc):
+                msg = (
+                    f"tenant {tenant!r} (partition {self.partition_of(tenant)}) is owned by another "
+                    "worker, which holds its file; query that worker's API or retry"
+                )
+                raise StoreBusyError(msg) from None
+            msg = f"cannot open {path}: {exc}"
+            raise SinkError(msg) from exc
         try:
             yield con
         finally:
@@ -434,8 +678,8 @@ class TenantStore:
         for executor in self._executors.values():
             executor.shutdown(wait=True)
         with self._lock:
-            for con in self._conns.values():
-                con.close()
+            for tenant, con in self._conns.items():
+                self._close_connection(tenant, con)
             self._conns.clear()
 
 
@@ -447,11 +691,31 @@ class SpanStoreSink(BatchingSink[pa.Table]):
     def __init__(self, store: TenantStore, *, max_rows: int, hooks: StageHooks) -> None:
         super().__init__(max_items=max_rows, hooks=hooks)
         self.store = store
+        #: Spans stored for the first time / replaced by a newer version, since start.
         self.stored = 0
+        self.updated = 0
+
+    #: Set by :func:`betrace.resilience.wiring.guard_sinks`: the ``duckdb`` breaker around
+    #: every store write, and the spool that takes the writes the store cannot make.
+    breaker: Breaker | None = None
+    writer: SpooledWriter[pa.Table] | None = None
 
     async def write(self, batch: list[pa.Table]) -> None:
-        self.stored += await self.store.run(self._write_sync, batch)
+        if self.writer is not None:
+            await self.writer.write(batch)
+        else:
+            await self.write_now(batch)
 
-    def _write_sync(self, batch: list[pa.Table]) -> int:
+    async def write_now(self, batch: list[pa.Table]) -> None:
+        """Write straight to DuckDB (through the breaker when set); raise on failure."""
+        if self.breaker is not None:
+            inserted, updated = await self.breaker.call_async(self.store.run, self._write_sync, batch)
+        else:
+            inserted, updated = await self.store.run(self._write_sync, batch)
+        self.stored += inserted
+        self.updated += updated
+
+    def _write_sync(self, batch: list[pa.Table]) -> tuple[int, int]:
         table = pa.concat_tables(batch)
-        return sum(self.store.insert_spans(t, part) for t, part in split_by_tenant(table))
+        results = [self.store.upsert_spans(t, part) for t, part in split_by_tenant(table)]
+        return sum(r.inserted for r in results), sum(r.updated for r in results)

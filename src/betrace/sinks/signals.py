@@ -5,25 +5,46 @@ deterministic id), then — when a ledger is configured — recorded as an
 immutable ledger transfer whose id is derived from the same key, then
 produced, then marked emitted. A replay finds it already emitted and
 publishes nothing; a crash between ledger and mark re-records it, which the
-ledger answers ``exists`` (the rule's counter never moves twice); a crash
-between produce and mark publishes it again with the same ``signal_id``,
-which consumers can dedupe.
+ledger answers ``exists`` (the rule's counter never moves twice); after a
+crash between produce and mark, the next attempt finds the signal recorded
+but unmarked, reads the signals topic from just before it was recorded
+(:mod:`betrace.streams.published`) and marks it instead of publishing it again.
+
+With the resilience wiring, a batch whose DuckDB or ledger write fails goes to
+the sink's durable spool and is replayed through the same steps later; every
+step is idempotent on the signal id, so a partly done batch finishes cleanly.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from betrace.audit.events import (
+    AUDIT_PARENT_FIELD,
+    AuditEventType,
+    AuditRecorder,
+    EventRef,
+    NullAuditRecorder,
+    derived_event_id,
+)
+from betrace.errors import BetraceError
 from betrace.metrics import StageHooks
+from betrace.resilience.breakers import Breaker
+from betrace.resilience.guard import SpooledWriter
 from betrace.sinks.base import BatchingSink
 from betrace.sinks.duckdb_store import TenantStore
 from betrace.sinks.ledger.signals import SignalLedger
+from betrace.sinks.ledger.tenants import TenantLedgers
 
 logger = logging.getLogger(__name__)
 
 Publish = Callable[[list[dict[str, Any]]], Awaitable[None]]
+#: Given signal ids recorded earlier but never marked emitted (id -> recorded_ns), the ones
+#: the signals topic already holds (see :mod:`betrace.streams.published`).
+Fence = Callable[[dict[str, int]], Awaitable[set[str]]]
 
 
 class SignalSink(BatchingSink[dict[str, Any]]):
@@ -38,33 +59,107 @@ class SignalSink(BatchingSink[dict[str, Any]]):
         *,
         max_items: int,
         hooks: StageHooks,
-        ledger: SignalLedger | None = None,
+        ledger: SignalLedger | TenantLedgers | None = None,
+        audit: AuditRecorder | None = None,
+        fence: Fence | None = None,
     ) -> None:
         super().__init__(max_items=max_items, hooks=hooks)
+        self.fence = fence
         self.store = store
         self.publish = publish
         self.ledger = ledger
         self.emitted = 0
+        self.audit: AuditRecorder = audit or NullAuditRecorder()
+
+    #: Set by :func:`betrace.resilience.wiring.guard_sinks`: the ``duckdb`` and ``ledger``
+    #: breakers, and the spool that takes a batch when either dependency fails.
+    breaker: Breaker | None = None
+    ledger_breaker: Breaker | None = None
+    writer: SpooledWriter[dict[str, Any]] | None = None
 
     async def write(self, batch: list[dict[str, Any]]) -> None:
+        if self.writer is not None:
+            await self.writer.write(batch)
+        else:
+            await self.write_now(batch)
+
+    async def _db(self, fn: Any, *args: Any) -> Any:
+        if self.breaker is not None:
+            return await self.breaker.call_async(self.store.run, fn, *args, lane="signals")
+        return await self.store.run(fn, *args, lane="signals")
+
+    async def write_now(self, batch: list[dict[str, Any]]) -> None:
+        """Dedupe, count in the ledger, publish, mark; raise on failure (nothing is half-done
+        in a way a replay cannot finish: every step is idempotent on the signal id)."""
         by_tenant: dict[str, list[dict[str, Any]]] = {}
         for doc in batch:
             by_tenant.setdefault(doc["tenant"], []).append(doc)
         for tenant, docs in by_tenant.items():
-            pending: list[dict[str, Any]] = await self.store.run(
-                self.store.insert_signals, tenant, docs, lane="signals"
-            )
+            earlier: dict[str, int] = {}
+            if self.fence is not None:
+                earlier = await self._db(self.store.unemitted_signals, tenant, [d["signal_id"] for d in docs])
+            pending: list[dict[str, Any]] = await self._db(self.store.insert_signals, tenant, docs)
             if not pending:
                 continue
+            fresh = await self._not_yet_published(pending, earlier)
             if self.ledger is not None:
                 # Before publishing: a signal on the topic is always counted in the ledger.
-                await self.ledger.record(pending)
-            await self.publish(pending)
-            await self.store.run(
-                self.store.mark_emitted, tenant, [d["signal_id"] for d in pending], lane="signals"
-            )
-            self.emitted += len(pending)
-            for doc in pending:
+                if self.ledger_breaker is not None:
+                    await self.ledger_breaker.call_async(self.ledger.record, pending)
+                else:
+                    await self.ledger.record(pending)
+            if fresh:
+                await self.publish([{k: v for k, v in d.items() if k != AUDIT_PARENT_FIELD} for d in fresh])
+            await self._audit_emitted(tenant, pending)
+            await self._db(self.store.mark_emitted, tenant, [d["signal_id"] for d in pending])
+            self.emitted += len(fresh)
+            for doc in fresh:
                 self.hooks.count(
                     "betrace_signals_emitted_total", rule=doc["rule_id"], severity=doc["severity"]
                 )
+
+    async def _not_yet_published(
+        self, pending: list[dict[str, Any]], earlier: dict[str, int]
+    ) -> list[dict[str, Any]]:
+        """``pending`` without the signals an earlier, killed attempt already published."""
+        suspects = {d["signal_id"]: earlier[d["signal_id"]] for d in pending if d["signal_id"] in earlier}
+        if not suspects or self.fence is None:
+            return pending
+        done = await self.fence(suspects)
+        if done:
+            logger.warning(
+                "signal sink: %d signal(s) were published before a crash but never marked; "
+                "marking them now instead of publishing them twice",
+                len(done),
+            )
+        return [d for d in pending if d["signal_id"] not in done]
+
+    async def _audit_emitted(self, tenant: str, docs: list[dict[str, Any]]) -> None:
+        """One ``signal.emitted`` per published signal, written before the signals are marked.
+
+        The event id derives from the signal id, so a re-publish after a crash
+        (before the mark) records nothing new; writing before the mark means a
+        crash after it cannot lose the event.
+        """
+        for doc in docs:
+            self.audit.record(
+                AuditEventType.SIGNAL_EMITTED,
+                actor="betrace-worker",
+                subject=f"signal {doc['signal_id']}",
+                tenant=tenant,
+                payload={
+                    "signal_id": doc["signal_id"],
+                    "rule_id": doc["rule_id"],
+                    "rule_version": doc["rule_version"],
+                    "trace_id": doc["trace_id"],
+                    "severity": doc["severity"],
+                },
+                parent=EventRef.from_dict(doc.get(AUDIT_PARENT_FIELD)),
+                event_id=derived_event_id("signal.emitted", doc["signal_id"]),
+            )
+        flush = getattr(self.audit, "flush", None)
+        if callable(flush) and not isinstance(self.audit, NullAuditRecorder):
+            try:
+                await asyncio.to_thread(flush)
+            except BetraceError as exc:  # the flush thread retries; signals must not wait on it
+                logger.warning("audit: signal events not written yet: %s", exc)

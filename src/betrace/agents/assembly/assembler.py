@@ -150,6 +150,8 @@ class TraceAssembler:
         self._refs: dict[int, int] = {}  # seq -> rows-holding (trace, seq) pairs
         self._open_seqs: set[int] = set()
         self._min_age: float = float(_UNBOUNDED)
+        #: When a decision was last forgotten before its time (the cap): late spans may miss it.
+        self.evicted_at: float | None = None
         self._ticks = 0
 
     # -- introspection -------------------------------------------------------
@@ -580,6 +582,7 @@ class TraceAssembler:
                 break
             if not expired:
                 self.hooks.count("betrace_decisions_evicted_total", stage=STEP_ID)
+                self.evicted_at = now
                 over -= 1
             del self._decisions[trace_id]
             out.writes.append(StateWrite(DECISIONS_TABLE, decision.partition, trace_id, None))
@@ -596,6 +599,14 @@ class TraceAssembler:
             trace.windows,
             what,
         )
+
+    def unknown_traces(self, tables: list[pa.Table]) -> list[str]:
+        """Distinct trace ids in ``tables`` that are neither open nor decided here."""
+        seen: set[str] = set()
+        for table in tables:
+            if table.num_rows:
+                seen.update(pc.unique(table.column("trace_id")).to_pylist())
+        return [t for t in seen if t not in self._all and t not in self._decisions]
 
     # -- recovery ----------------------------------------------------------------
 
