@@ -5,25 +5,25 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import time
 from pathlib import Path
 
 from betrace.config import Settings
 from betrace.resilience.wiring import spool_root
 
 
-def _claim(data_dir: str, out: mp.Queue, hold: mp.Event) -> None:  # type: ignore[type-arg]
+def _claim(data_dir: str, out: mp.Queue) -> None:  # type: ignore[type-arg]
     slot = spool_root(Settings(data_dir=Path(data_dir)))
     (slot / "left-behind").write_text(str(os.getpid()))
     out.put(str(slot))
-    hold.wait(30)
+    time.sleep(60)  # hold the slot until killed (no shared lock a SIGKILL could leave taken)
 
 
 def test_two_live_processes_get_two_slots_and_a_killed_ones_slot_is_reused(tmp_path: Path) -> None:
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
-    hold = ctx.Event()
-    first = ctx.Process(target=_claim, args=(str(tmp_path), out, hold))
-    second = ctx.Process(target=_claim, args=(str(tmp_path), out, hold))
+    first = ctx.Process(target=_claim, args=(str(tmp_path), out))
+    second = ctx.Process(target=_claim, args=(str(tmp_path), out))
     first.start()
     slot_a = out.get(timeout=30)
     second.start()
@@ -37,5 +37,5 @@ def test_two_live_processes_get_two_slots_and_a_killed_ones_slot_is_reused(tmp_p
     assert str(mine) == slot_a
     assert (mine / "left-behind").exists()
     assert spool_root(Settings(data_dir=tmp_path)) == mine  # stable within a process
-    hold.set()
+    second.kill()
     second.join(10)
