@@ -64,10 +64,12 @@ def test_apikeys_create_list_revoke(data_dir: Path) -> None:
     assert created.exit_code == 0, created.output
     token = created.stdout.strip().splitlines()[-1]
     assert token.startswith("btk_")
-    key_id = token.split("_")[1]
+    # btk_<key id>_<secret>; the secret is urlsafe base64 and may itself contain "_".
+    _, key_id, secret = token.split("_", 2)
     listed = runner.invoke(app, ["apikeys", "list", "--tenant", "acme"])
     assert key_id in listed.stdout
-    assert token.split("_")[2] not in listed.stdout
+    assert secret
+    assert secret not in listed.stdout
     assert runner.invoke(app, ["apikeys", "revoke", key_id, "--tenant", "globex"]).exit_code == 1
     assert runner.invoke(app, ["apikeys", "revoke", key_id, "--tenant", "acme"]).exit_code == 0
     assert "revoked" in runner.invoke(app, ["apikeys", "list"]).stdout

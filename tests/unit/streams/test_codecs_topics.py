@@ -169,6 +169,7 @@ def test_topic_specs_follow_settings() -> None:
     assert set(specs) == {
         "otlp_spans",
         "betrace.spans",
+        "betrace.store",
         "betrace.traces",
         "sig.pending",
         "sig",
