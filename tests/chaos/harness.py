@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from betrace.cli.demo import demo_settings
@@ -68,6 +68,7 @@ from betrace.streams.lag import LagReader
 from betrace.streams.topics import verdicts_topic
 from betrace.workload.generator import TraceGenerator
 from betrace.workload.otlp import OtlpMessage, batch_messages
+from tests.integration.helpers import read_topic
 
 logger = logging.getLogger(__name__)
 
@@ -431,24 +432,7 @@ class ChaosRun:
     # ------------------------------------------------------------------ checks
 
     def read_topic(self, topic: str, settle_s: float = 1.5) -> list[Any]:
-        async def run() -> list[Any]:
-            consumer = AIOKafkaConsumer(
-                topic, bootstrap_servers=self.cfg.brokers, auto_offset_reset="earliest"
-            )
-            await consumer.start()
-            records: list[Any] = []
-            try:
-                idle_since = time.monotonic()
-                while time.monotonic() - idle_since < settle_s:
-                    batch = await consumer.getmany(timeout_ms=300)
-                    for recs in batch.values():
-                        records.extend(recs)
-                        idle_since = time.monotonic()
-            finally:
-                await consumer.stop()
-            return records
-
-        return asyncio.run(run())
+        return read_topic(self.cfg, topic, settle_s=settle_s)
 
     def _ledger_counts(self, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
         """Per-rule counters, read from each tenant's ledger (as ``betrace signals count`` does)."""
