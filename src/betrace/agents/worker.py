@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import gc
 import logging
 from collections.abc import Awaitable, Callable
@@ -195,6 +196,9 @@ def run_worker(settings: Settings) -> None:
     # ones (open traces): default GC thresholds rescan those live objects constantly.
     gc.collect()
     gc.freeze()
+    # Frozen objects skip the collection at interpreter exit, and DuckDB's bindings
+    # (nanobind) then print a wall of "leaked instance" warnings: thaw them first.
+    atexit.register(gc.unfreeze)
     gc.set_threshold(100_000, 50, 100)
     worker = faust.Worker(
         pipeline.app,

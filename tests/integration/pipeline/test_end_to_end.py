@@ -65,3 +65,6 @@ def test_ingest_and_downstream_in_separate_processes(pipeline_settings: Settings
         assert downstream.stop() == 0, downstream.log_tail()
     assert sorted(signal_keys(cfg)) == sorted(gen.truth.expected)
     assert sum(rows for rows, _ in stored(cfg).values()) == gen.truth.spans
+    # A clean stop leaves a clean log: no interpreter-exit noise from native bindings.
+    for log in (tmp_path / "ingest.log", tmp_path / "downstream.log"):
+        assert "nanobind: leaked" not in log.read_text(errors="replace"), log.name
