@@ -278,6 +278,15 @@ class RegistryState:
             return None
         outcome = self.apply(version, record_digest)
         if outcome is Applied.CONFLICT:
+            held = self._rules[version.key][version.rule.version].version
+            if held.rule == version.rule and held.author == version.author:
+                # Workers that start together each seed the same YAML rule; only the time differs.
+                logger.info(
+                    "%s/%s v%d was published twice with the same definition; keeping the first",
+                    *version.key,
+                    version.rule.version,
+                )
+                return outcome
             logger.warning(
                 "ignoring a conflicting record for %s/%s v%d (an earlier record holds that version)",
                 *version.key,

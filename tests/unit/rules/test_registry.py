@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
@@ -264,3 +264,22 @@ def test_get_unknown_version_lists_the_known_ones() -> None:
     publish(state, log, propose(state, PII, author="ana", reason="r"))
     with pytest.raises(RuleError, match=r"no version 4 \(versions: 1\)"):
         state.get("acme", "pii-audit", 4)
+
+
+def test_a_seed_published_twice_is_kept_once_and_only_a_real_conflict_warns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two workers starting together both seed v1 from YAML: same rule, another timestamp."""
+    state = RegistryState()
+    first = propose(state, PII, author="betrace-seed", reason="bootstrap", at=AT)
+    again = propose(state, PII, author="betrace-seed", reason="bootstrap", at=AT + timedelta(seconds=2))
+    other = propose(state, replace(PII, severity="low"), author="betrace-seed", reason="bootstrap", at=AT)
+    assert first is not None and again is not None and other is not None
+    assert state.apply_record(*encode(first)) is Applied.NEW
+    with caplog.at_level(logging.INFO, logger="betrace.rules.registry"):
+        assert state.apply_record(*encode(again)) is Applied.CONFLICT
+        assert [r.levelno for r in caplog.records] == [logging.INFO]
+        caplog.clear()
+        assert state.apply_record(*encode(other)) is Applied.CONFLICT
+        assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert state.latest("acme", "pii-audit") == first
