@@ -118,6 +118,19 @@ def _expand(typed: Typed, raw: _Raw) -> Typed:
     )
 
 
+def members(indices: pa.Array, size: int) -> pa.Array:
+    """Mask of length ``size``, true at each position in ``indices`` (repeats and nulls allowed).
+
+    The inverse permutation is valid exactly at the listed positions: one linear
+    scatter, where ``is_in`` would hash every listed position as a value set.
+    """
+    if size == 0:
+        return pa.array([], pa.bool_())
+    if not pa.types.is_signed_integer(indices.type):
+        indices = indices.cast(pa.int64())
+    return pc.is_valid(pc.inverse_permutation(indices, max_index=size - 1, output_type=pa.int64()))
+
+
 def context_for(table: pa.Table) -> BatchContext:
     """The shared :class:`BatchContext` of ``table`` (created on first use)."""
     with _cache_lock:
@@ -185,7 +198,7 @@ class BatchContext:
 
     def rows_mask(self, rows: pa.Array) -> pa.Array:
         """Mask of the spans whose row numbers are in ``rows``."""
-        return pc.is_in(self.arange(self.n), value_set=rows.cast(pa.int32()))
+        return members(rows, self.n)
 
     def name_is(self, name: str) -> pa.Array:
         result = self.memo(("name", name), lambda: pc.equal(self.column("name"), name))
@@ -324,7 +337,7 @@ class BatchContext:
     def group_any(self, mask: pa.Array, grouping: Grouping | None = None) -> pa.Array:
         """Per group: does any span in ``mask`` belong to it?"""
         g = grouping or self.traces
-        return pc.is_in(self.arange(g.size), value_set=pc.filter(g.ids, mask))
+        return members(pc.filter(g.ids, mask), g.size)
 
     def group_count(self, mask: pa.Array, grouping: Grouping | None = None) -> pa.Array:
         """Per group: how many spans of ``mask`` belong to it (int64)."""
@@ -349,14 +362,14 @@ class BatchContext:
         size: int,
         fill: object,
     ) -> pa.Array:
-        """Dense array of ``size``: ``values[i]`` at ``keys[i]``, ``fill`` elsewhere."""
+        """Dense array of ``size``: ``values[i]`` at ``keys[i]`` (distinct), ``fill`` elsewhere."""
         if isinstance(keys, pa.ChunkedArray):
             keys = keys.combine_chunks()
         if len(keys) == size and size and pc.all(pc.equal(keys, self.arange(size).cast(keys.type))).as_py():
             # Group-bys emit groups in first-seen order, which for trace codes is 0..n-1.
             dense = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
             return dense if fill is None else dense.fill_null(fill)
-        positions = pc.index_in(self.arange(size), value_set=keys)
+        positions = pc.inverse_permutation(keys.cast(pa.int64()), max_index=size - 1, output_type=pa.int64())
         dense = pc.take(values, positions)
         if isinstance(dense, pa.ChunkedArray):
             dense = dense.combine_chunks()

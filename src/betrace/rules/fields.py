@@ -52,6 +52,8 @@ _PC_OPS: dict[str, Callable[..., pa.Array]] = {
     "<": pc.less, "<=": pc.less_equal,
 }  # fmt: skip
 _NEGATIVE = {"!=": "=", "!~": "=~", "not in": "in"}
+#: Enum intrinsics: their int8 column and the names of its codes.
+_ENUMS = {"status": ("status_code", STATUS_NAMES), "kind": ("kind", KIND_NAMES)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,9 +342,14 @@ def compile_predicate(expr: Expr, within: str | None = None) -> MaskFn:
         case Const(value=value):
             return (lambda ctx: ctx.all_true) if value else (lambda ctx: ctx.all_false)
         case Logical(op=op, left=left, right=right):
+            if _cheap(right) and not _cheap(left):
+                left, right = right, left  # masks are null-free: both operators commute
             lhs, rhs = compile_predicate(left, within), compile_predicate(right, within)
-            combine = pc.and_ if op == "and" else pc.or_
-            return lambda ctx: combine(lhs(ctx), rhs(ctx))
+            if op == "and":
+                # A cheap side that no span satisfies settles the rest (``duration > 50ms``
+                # before a regex on an attribute).
+                return lambda ctx: and_then(ctx, lhs(ctx), rhs)
+            return lambda ctx: _or_else(ctx, lhs(ctx), rhs)
         case Not(operand=operand):
             inner = compile_predicate(operand, within)
             return lambda ctx: pc.invert(inner(ctx))
@@ -358,6 +365,35 @@ def compile_predicate(expr: Expr, within: str | None = None) -> MaskFn:
             return _compile_compare(op, left, right, within)
     msg = "expected a condition"
     raise ValueError(msg)
+
+
+def and_then(ctx: BatchContext, first: pa.Array, second: MaskFn) -> pa.Array:
+    """``first & second(ctx)``, not evaluating ``second`` when no span is in ``first``."""
+    if pc.any(first).as_py() is False:
+        return first
+    return pc.and_(first, second(ctx))
+
+
+def _or_else(ctx: BatchContext, first: pa.Array, second: MaskFn) -> pa.Array:
+    if pc.all(first).as_py() is True:
+        return first
+    return pc.or_(first, second(ctx))
+
+
+def _cheap(expr: Expr) -> bool:
+    """A condition on span columns only: no attribute, regex, trace or tree lookup."""
+    match expr:
+        case Const() | Literal():
+            return True
+        case Field(scope=scope, name=name):
+            return scope == "intrinsic" and name not in ("childCount", "parentID")
+        case Compare(op=op, left=a, right=b):
+            return op not in ("=~", "!~", "matches", "contains") and _cheap(a) and _cheap(b)
+        case Logical(left=a, right=b) | Arith(left=a, right=b):
+            return _cheap(a) and _cheap(b)
+        case Not(operand=a):
+            return _cheap(a)
+    return False
 
 
 def _compile_compare(op: str, left: Expr, right: Expr, within: str | None) -> MaskFn:
@@ -379,6 +415,15 @@ def _compile_compare(op: str, left: Expr, right: Expr, within: str | None) -> Ma
 
 
 def _compile_compare_uncached(op: str, left: Expr, right: Expr, within: str | None) -> MaskFn:
+    if (
+        isinstance(left, Field)
+        and left.scope == "intrinsic"
+        and left.name in _ENUMS
+        and op in EQUALITY_OPS
+        and isinstance(right, Literal)
+        and right.kind in ("enum", "string")
+    ):
+        return _enum_compare(op, *_ENUMS[left.name], str(right.value))
     value = compile_value(left, within)
     if not isinstance(right, Literal):
         other = compile_value(right, within)
@@ -412,6 +457,27 @@ def _compile_compare_uncached(op: str, left: Expr, right: Expr, within: str | No
         return mask
 
     return positive_fn
+
+
+def _enum_compare(op: str, column: str, names: tuple[str, ...], name: str) -> MaskFn:
+    """``status = error`` on the int8 codes: the answer of comparing :func:`_enum_names`
+    with the name, without building a string per span."""
+
+    def mask(ctx: BatchContext) -> pa.Array:
+        codes = ctx.column(column)
+        if name not in names:
+            hit = ctx.all_false
+        else:
+            index = names.index(name)
+            hit = pc.equal(codes, index)
+            if index == 0:  # unknown codes read as names[0]
+                unknown = pc.or_(pc.less(codes, 0), pc.greater_equal(codes, len(names)))
+                hit = pc.or_(hit, unknown)
+        if op == "!=":
+            hit = pc.invert(hit)
+        return hit if hit.null_count == 0 else hit.fill_null(False)
+
+    return mask
 
 
 def _rows_in(ctx: BatchContext, rows: pa.Array) -> pa.Array:
@@ -473,7 +539,11 @@ def _literal_test(op: str, lit: Literal) -> LitTest:
         # compares with both, an int beyond 2**53 would not convert.
         value = float(value)
 
+    rendered = tv.canonical_json(str(value)) if op == "=" and kind in ("string", "enum") else None
+
     def simple(ctx: BatchContext, t: Typed) -> pa.Array:
+        if rendered is not None and t.raw is not None:
+            return pc.equal(t.raw, rendered).fill_null(False)
         col = _column_for(t, kind)
         if col is None:
             return pa.repeat(pa.scalar(False), _length(ctx, t))
@@ -490,11 +560,19 @@ def _in_list(values: tuple[Scalar, ...]) -> LitTest:
         pa.float64(),
     )
     flags = pa.array([v for v in values if isinstance(v, bool)], pa.bool_())
+    rendered = [tv.canonical_json(v) for v in texts.to_pylist()]
+    raw_texts = None if None in rendered else pa.array(rendered, pa.string())
 
     def any_of(ctx: BatchContext, t: Typed) -> pa.Array:
         result = pa.repeat(pa.scalar(False), _length(ctx, t))
-        for col, value_set in ((t.text, texts), (t.num, nums), (t.flag, flags)):
-            if col is not None and len(value_set):
+        sets = {"text": texts, "num": nums, "flag": flags}
+        if raw_texts is not None and t.raw is not None:
+            # Strings matched on their JSON text (see canonical_json): no decoding.
+            result = pc.is_in(t.raw, value_set=raw_texts).fill_null(False)
+            del sets["text"]
+        for part, value_set in sets.items():
+            col = getattr(t, part) if len(value_set) else None  # decode only the parts needed
+            if col is not None:
                 hit = pc.is_in(pc.cast(col, value_set.type), value_set=value_set)
                 result = pc.or_(result, hit.fill_null(False))
         return result
@@ -503,6 +581,8 @@ def _in_list(values: tuple[Scalar, ...]) -> LitTest:
 
 
 def _length(ctx: BatchContext, t: Typed) -> int:
+    if t.raw is not None:
+        return len(t.raw)
     columns = [c for c in (t.num, t.text, t.flag, t.present) if c is not None]
     length: int = len(columns[0]) if columns else ctx.n
     return length

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from betrace.rules.batch import MAX_TREE_DEPTH, BatchContext
+from betrace.rules.batch import MAX_TREE_DEPTH, BatchContext, members
 
 Relation = Callable[[BatchContext, pa.Array, pa.Array], pa.Array]
 
@@ -30,7 +30,7 @@ def child(ctx: BatchContext, a: pa.Array, b: pa.Array) -> pa.Array:
 def parent(ctx: BatchContext, a: pa.Array, b: pa.Array) -> pa.Array:
     """``a < b``: spans of ``b`` that are the parent of a span in ``a``."""
     parents = pc.filter(ctx.parent_index(), a).drop_null()
-    return pc.and_(b, pc.is_in(ctx.arange(ctx.n), value_set=parents))
+    return pc.and_(b, members(parents, ctx.n))
 
 
 def descendant(ctx: BatchContext, a: pa.Array, b: pa.Array) -> pa.Array:
@@ -60,15 +60,16 @@ def ancestor(ctx: BatchContext, a: pa.Array, b: pa.Array) -> pa.Array:
     if not seen:
         return ctx.all_false
     ancestors = pa.concat_arrays(seen)
-    return pc.and_(b, pc.is_in(ctx.arange(ctx.n), value_set=ancestors))
+    return pc.and_(b, members(ancestors, ctx.n))
 
 
 def sibling(ctx: BatchContext, a: pa.Array, b: pa.Array) -> pa.Array:
     """``a ~ b``: spans of ``b`` sharing a parent with a different span of ``a``."""
     parents = ctx.parent_index()
     counts = pc.value_counts(pc.filter(parents, a).drop_null())
-    # Per span: how many a-spans share its parent (a lookup into the few parents of a-spans).
-    a_siblings = pc.take(counts.field(1), pc.index_in(parents, value_set=counts.field(0))).fill_null(0)
+    # Per span: how many a-spans share its parent (a-children per row, looked up by parent).
+    a_children = ctx.scatter(counts.field(0), counts.field(1), ctx.n, 0)
+    a_siblings = pc.take(a_children, parents).fill_null(0)
     others = pc.subtract(a_siblings, pc.cast(a, pa.int64()))
     return pc.and_(b, pc.greater(others, 0))
 

@@ -52,7 +52,7 @@ class Typed:
     pays for the string, boolean and presence columns of that attribute.
     """
 
-    __slots__ = ("_lock", "_thunks", "_values")
+    __slots__ = ("_lock", "_thunks", "_values", "raw")
 
     def __init__(
         self,
@@ -67,6 +67,8 @@ class Typed:
         }  # fmt: skip
         self._thunks: dict[str, _Thunk] = {}
         self._lock = threading.Lock()
+        #: The JSON text of each value as DuckDB renders it (:func:`decode` sets it), if known.
+        self.raw: pa.Array | None = None
 
     @classmethod
     def deferred(cls, **thunks: _Thunk) -> Typed:
@@ -191,14 +193,36 @@ def extract_raw(column: pa.Array, keys: list[str]) -> dict[str, pa.Array]:
     return out
 
 
+def canonical_json(text: str) -> str | None:
+    """How DuckDB renders the JSON string ``text`` (:func:`extract_raw`), if that is unique.
+
+    DuckDB re-serialises extracted values, decoding every escape and escaping
+    only quotes, backslashes and control characters; for a string without
+    those the rendering is ``"text"``, so ``raw == canonical_json(s)`` is
+    exactly ``text == s`` without slicing the quotes off every value.
+    """
+    if any(c in '"\\' or c < " " for c in text):
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate: no JSON value holds it
+        return None
+    return f'"{text}"'
+
+
 def decode(raw: pa.Array, *, with_elements: bool = True) -> Typed:
     """Split raw JSON values into a :class:`Typed` (arrays into ``elements``), lazily per part."""
-    # The first byte tells the JSON type; byte slicing is safe as it is ASCII.
     raw_bytes = raw.view(pa.binary())
-    first = pc.binary_slice(raw_bytes, 0, 1)
+    firsts: list[pa.Array] = []
+
+    def first() -> pa.Array:
+        # The first byte tells the JSON type; byte slicing is safe as it is ASCII.
+        if not firsts:
+            firsts.append(pc.binary_slice(raw_bytes, 0, 1))
+        return firsts[0]
 
     def text() -> pa.Array:
-        is_str = pc.equal(first, b'"')
+        is_str = pc.equal(first(), b'"')
         values = pc.if_else(is_str, pc.binary_slice(raw_bytes, 1, -1), pa.scalar(None, pa.binary()))
         values = values.view(pa.string())
         if not _may_contain(raw, b"\\"):
@@ -212,7 +236,15 @@ def decode(raw: pa.Array, *, with_elements: bool = True) -> Typed:
         return values
 
     def num() -> pa.Array:
-        is_num = pc.is_in(first, value_set=_NUM_FIRST)
+        try:
+            values = pc.cast(raw, pa.float64())
+        except pa.ArrowInvalid:
+            values = None
+        # Strings, arrays, objects, booleans and null do not parse as floats, so when all values
+        # do, no type mask is needed; but NaN and Infinity, which DuckDB reads, are not numbers.
+        if values is not None and pc.all(pc.is_finite(values)).as_py() is not False:
+            return values
+        is_num = pc.is_in(first(), value_set=_NUM_FIRST)
         return pc.cast(pc.if_else(is_num, raw, _NULL_STR), pa.float64())
 
     def flag() -> pa.Array:
@@ -224,7 +256,7 @@ def decode(raw: pa.Array, *, with_elements: bool = True) -> Typed:
     def elements() -> Elements | None:
         if not with_elements or not _may_contain(raw, b"["):
             return None
-        is_array = pc.equal(first, b"[").fill_null(False)
+        is_array = pc.equal(first(), b"[").fill_null(False)
         if not pc.any(is_array).as_py():
             return None
         rows = pc.indices_nonzero(is_array).cast(pa.int64())
@@ -237,7 +269,9 @@ def decode(raw: pa.Array, *, with_elements: bool = True) -> Typed:
         values = decode(sub.column(1).combine_chunks(), with_elements=False)
         return Elements(rows=element_rows, values=values)
 
-    return Typed.deferred(num=num, text=text, flag=flag, present=present, elements=elements)
+    typed = Typed.deferred(num=num, text=text, flag=flag, present=present, elements=elements)
+    typed.raw = raw
+    return typed
 
 
 def take(typed: Typed, indices: pa.Array) -> Typed:

@@ -48,7 +48,7 @@ def compile_selector(ref: p.SpanRef) -> MaskFn:
     if ref.where is None:
         return lambda ctx: ctx.name_is(name)
     predicate = f.compile_predicate(ref.where, within=name)
-    return lambda ctx: pc.and_(ctx.name_is(name), predicate(ctx))
+    return lambda ctx: f.and_then(ctx, ctx.name_is(name), predicate)
 
 
 def selector_keys(ref: p.SpanRef) -> set[KeyUse]:
