@@ -20,9 +20,11 @@ Spans are upserted on ``(trace_id, span_id)``: a replayed batch stores
 nothing twice, and a span seen again in a *newer version* — a later end time,
 or at the same end a status ranked higher (unset < error < ok, OK being final
 in OpenTelemetry) — replaces the stored row. The order is total, so replays in
-any order converge on the same row. The fast path is one ``INSERT OR IGNORE``;
-only when some keys already existed does a second, index-driven ``ON CONFLICT
-DO UPDATE`` pass run over the batch. Every span insert also maintains
+any order converge on the same row. The fast path is one plain ``INSERT``
+(the primary key's ART refuses known keys); only when it meets a known key
+is the batch rolled back and upserted with ``INSERT OR IGNORE`` plus an
+``ON CONFLICT DO UPDATE`` pass (:mod:`betrace.sinks.span_upsert`). The
+schema and fixed SQL are in :mod:`betrace.sinks.store_schema`. Every span insert also maintains
 ``trace_summaries`` (one row per trace) from exactly the rows that were new, in
 the same transaction, so summaries never count a replayed span; a trace with
 an updated span has its summary parts recomputed from its stored spans (its
@@ -59,107 +61,31 @@ from betrace.metrics import StageHooks
 from betrace.resilience.breakers import Breaker
 from betrace.resilience.guard import SpooledWriter
 from betrace.sinks.base import BatchingSink
-from betrace.sinks.span_upsert import SPANS_UPDATE_SQL, SUMMARY_REBUILD_SQL, SUMMARY_REPLACE_SQL, UpsertResult
+from betrace.sinks.span_upsert import SUMMARY_APPEND_SQL, UpsertResult, upsert_spans
+from betrace.sinks.store_schema import (
+    COMPACT_SQL,
+    SCHEMA_SQL,
+    SIGNAL_COLUMNS,
+    SUMMARY_BACKFILL_SQL,
+    WRITER_SESSIONS_SQL,
+)
 from betrace.streams.topics import split_by_tenant, tenant_partition
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS spans (
-    tenant VARCHAR NOT NULL,
-    trace_id VARCHAR NOT NULL,
-    span_id VARCHAR NOT NULL,
-    parent_span_id VARCHAR,
-    name VARCHAR NOT NULL,
-    service VARCHAR,
-    kind TINYINT NOT NULL,
-    status_code TINYINT NOT NULL,
-    start_ns BIGINT NOT NULL,
-    end_ns BIGINT NOT NULL,
-    attributes JSON NOT NULL,
-    resource_attributes JSON NOT NULL,
-    produced_ms BIGINT NOT NULL,
-    PRIMARY KEY (trace_id, span_id)
-);
-CREATE TABLE IF NOT EXISTS signals (
-    signal_id VARCHAR PRIMARY KEY,
-    tenant VARCHAR NOT NULL,
-    rule_id VARCHAR NOT NULL,
-    rule_version INTEGER NOT NULL,
-    rule_name VARCHAR NOT NULL,
-    trace_id VARCHAR NOT NULL,
-    span_ids VARCHAR[] NOT NULL,
-    severity VARCHAR NOT NULL,
-    message VARCHAR NOT NULL,
-    detected_at TIMESTAMPTZ NOT NULL,
-    source_produced_ms BIGINT NOT NULL,
-    emitted BOOLEAN NOT NULL DEFAULT FALSE
-);
-ALTER TABLE signals ADD COLUMN IF NOT EXISTS recorded_ns BIGINT;
-CREATE TABLE IF NOT EXISTS trace_summaries (
-    trace_id VARCHAR NOT NULL,
-    tenant VARCHAR NOT NULL,
-    start_ns BIGINT NOT NULL,
-    end_ns BIGINT NOT NULL,
-    span_count BIGINT NOT NULL,
-    error_count BIGINT NOT NULL,
-    root_name VARCHAR,
-    root_service VARCHAR,
-    services VARCHAR[] NOT NULL,
-    ingested_ns BIGINT NOT NULL
-);
-CREATE OR REPLACE VIEW traces AS
-SELECT trace_id,
-       any_value(tenant) AS tenant,
-       min(start_ns) AS start_ns,
-       max(end_ns) AS end_ns,
-       sum(span_count)::BIGINT AS span_count,
-       sum(error_count)::BIGINT AS error_count,
-       arg_min(root_name, start_ns) FILTER (WHERE root_name IS NOT NULL) AS root_name,
-       arg_min(root_service, start_ns) FILTER (WHERE root_service IS NOT NULL) AS root_service,
-       list_sort(list_distinct(flatten(list(services)))) AS services,
-       min(ingested_ns) AS ingested_ns
-FROM trace_summaries
-GROUP BY trace_id;
-"""
-
-#: One summary part per trace from the rows an insert actually added (``_new``).
-#: Parts are append-only (no index to maintain, so appends stay fast); the
-#: ``traces`` view merges them, and :meth:`TenantStore.compact_summaries` folds
-#: them into one row per trace. A trace's ``ingested_ns`` is its first part's.
-SUMMARY_APPEND_SQL = """
-INSERT INTO trace_summaries
-SELECT trace_id,
-       ? AS tenant,
-       min(start_ns),
-       max(end_ns),
-       count(*),
-       count(*) FILTER (WHERE status_code = 2),
-       arg_min(name, start_ns) FILTER (WHERE parent_span_id IS NULL OR parent_span_id = ''),
-       arg_min(service, start_ns) FILTER (WHERE parent_span_id IS NULL OR parent_span_id = ''),
-       coalesce(list_distinct(list(service) FILTER (WHERE service IS NOT NULL)), []),
-       ? + row_number() OVER (ORDER BY trace_id)
-FROM _new
-GROUP BY trace_id
-"""
-
-COMPACT_SQL = """
-CREATE OR REPLACE TEMP TABLE _compacted AS SELECT * FROM traces;
-DELETE FROM trace_summaries;
-INSERT INTO trace_summaries
-SELECT trace_id, tenant, start_ns, end_ns, span_count, error_count, root_name, root_service,
-       services, ingested_ns
-FROM _compacted;
-DROP TABLE _compacted;
-"""
-
-SPANS_INSERT_SQL = (
-    "INSERT OR IGNORE INTO spans SELECT * FROM _batch "
-    "RETURNING trace_id, parent_span_id, name, service, status_code, start_ns, end_ns"
-)
-SUMMARY_BACKFILL_SQL = (
-    "SELECT trace_id, parent_span_id, name, service, status_code, start_ns, end_ns FROM spans"
-)
+# Archival and the synthetic-data tools build files with the store's SQL from here.
+__all__ = [
+    "SCHEMA_SQL",
+    "SUMMARY_APPEND_SQL",
+    "ArchiveStatus",
+    "NotOwnerError",
+    "NothingArchived",
+    "RetentionResult",
+    "SpanStoreSink",
+    "StoreBusyError",
+    "TenantStore",
+    "UpsertResult",
+]
 
 DAY_S = 86_400.0
 
@@ -176,13 +102,6 @@ class StoreBusyError(SinkError):
 
 class NotOwnerError(StoreBusyError):
     """Another worker owns the tenant's partition (and so its file); retry after a rebalance."""
-
-
-WRITER_SESSIONS_SQL = """
-CREATE TABLE IF NOT EXISTS _writer_sessions (
-    pid INTEGER NOT NULL, opened_ns BIGINT NOT NULL, closed_ns BIGINT
-);
-"""
 
 
 def _is_lock_error(exc: duckdb.Error) -> bool:
@@ -212,21 +131,6 @@ class RetentionResult:
     deleted_spans: int
     #: Traces past the retention period that are kept because they are not archived yet.
     awaiting_archive: int
-
-
-SIGNAL_COLUMNS = (
-    "signal_id",
-    "tenant",
-    "rule_id",
-    "rule_version",
-    "rule_name",
-    "trace_id",
-    "span_ids",
-    "severity",
-    "message",
-    "detected_at",
-    "source_produced_ms",
-)
 
 
 class TenantStore:
@@ -450,28 +354,7 @@ class TenantStore:
         """Store new spans, replace older versions of known ones; one transaction per batch."""
         con = self.connection(tenant).cursor()
         try:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                con.register("_batch", table)
-                new = con.sql(SPANS_INSERT_SQL).to_arrow_table()
-                if new.num_rows:
-                    con.register("_new", new)
-                    con.execute(SUMMARY_APPEND_SQL, [tenant, self._stamp(tenant, new.num_rows)])
-                updated = 0
-                if new.num_rows < table.num_rows:
-                    # Some keys were known: replays (nothing to do) or newer versions.
-                    touched = con.sql(SPANS_UPDATE_SQL).to_arrow_table()
-                    updated = touched.num_rows
-                    if updated:
-                        con.register("_touched", touched)
-                        con.execute(SUMMARY_REBUILD_SQL, [tenant])
-                        con.execute(SUMMARY_REPLACE_SQL)
-                        con.unregister("_touched")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-            con.execute("COMMIT")
-            return UpsertResult(int(new.num_rows), int(updated))
+            return upsert_spans(con, tenant, table, lambda n: self._stamp(tenant, n))
         except duckdb.Error as exc:
             msg = f"tenant {tenant!r}: span insert failed: {exc}"
             raise SinkError(msg) from exc

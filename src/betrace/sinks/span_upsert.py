@@ -1,17 +1,59 @@
-"""The update half of the span store's upsert (see :mod:`betrace.sinks.duckdb_store`).
+"""The span store's upsert: one transaction per tenant batch (see :mod:`betrace.sinks.duckdb_store`).
 
 A span is keyed by ``(trace_id, span_id)``; of two versions the one with the
 later ``end_ns`` wins, and at the same end the higher-ranked status
 (unset < error < ok: OpenTelemetry treats OK as final). The order is total, so
 replays in any order converge on the same stored row.
+
+The fast path assumes every key of the batch is new (the usual case: ingest
+drops duplicates) and runs a plain ``INSERT``, whose primary-key check is an
+ART lookup per row; the trace summaries are then appended straight from the
+batch. DuckDB turns ``INSERT OR IGNORE`` / ``ON CONFLICT`` into a MERGE that
+hash-joins the batch with a scan of every stored key, so each batch would cost
+time in proportion to the table, and returning the stored rows to Arrow costs
+more again. Only when the plain insert meets a known key (a replay, a newer
+version, a key repeated within the batch) is it rolled back and the batch
+upserted the slow way: ``INSERT OR IGNORE ... RETURNING`` for the new rows,
+then an ``ON CONFLICT DO UPDATE`` pass for newer versions, with the summaries
+of updated traces rebuilt from their stored spans (keeping ``ingested_ns``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-#: Second pass, only when the first stored fewer rows than the batch held: the
-#: newest version of each key in the batch replaces an older stored one. Within
+import duckdb
+import pyarrow as pa
+
+#: One summary part per trace from the rows an insert actually added (``_new``).
+#: Parts are append-only (no index to maintain, so appends stay fast); the
+#: ``traces`` view merges them, and :meth:`TenantStore.compact_summaries` folds
+#: them into one row per trace. A trace's ``ingested_ns`` is its first part's.
+SUMMARY_APPEND_SQL = """
+INSERT INTO trace_summaries
+SELECT trace_id,
+       ? AS tenant,
+       min(start_ns),
+       max(end_ns),
+       count(*),
+       count(*) FILTER (WHERE status_code = 2),
+       arg_min(name, start_ns) FILTER (WHERE parent_span_id IS NULL OR parent_span_id = ''),
+       arg_min(service, start_ns) FILTER (WHERE parent_span_id IS NULL OR parent_span_id = ''),
+       coalesce(list_distinct(list(service) FILTER (WHERE service IS NOT NULL)), []),
+       ? + row_number() OVER (ORDER BY trace_id)
+FROM _new
+GROUP BY trace_id
+"""
+#: Fast path: every key is new, else a ConstraintException rolls the transaction back.
+SPANS_APPEND_SQL = "INSERT INTO spans SELECT * FROM _batch"
+#: Slow path, first pass: store the new keys, return them for their summaries.
+SPANS_INSERT_SQL = (
+    "INSERT OR IGNORE INTO spans SELECT * FROM _batch "
+    "RETURNING trace_id, parent_span_id, name, service, status_code, start_ns, end_ns"
+)
+#: Slow path, second pass, only when the first stored fewer rows than the batch held:
+#: the newest version of each key in the batch replaces an older stored one. Within
 #: a batch a key may repeat (DO UPDATE may touch a row once), hence the QUALIFY.
 _RANK = "CASE {t}.status_code WHEN 1 THEN 2 WHEN 2 THEN 1 ELSE 0 END"
 SPANS_UPDATE_SQL = f"""
@@ -52,6 +94,9 @@ INSERT INTO trace_summaries SELECT * FROM _rebuilt;
 DROP TABLE _rebuilt;
 """
 
+#: ``stamp(n)``: base of ``n`` strictly increasing ingest timestamps for the tenant.
+Stamp = Callable[[int], int]
+
 
 @dataclass(frozen=True, slots=True)
 class UpsertResult:
@@ -59,3 +104,64 @@ class UpsertResult:
     inserted: int
     #: Stored spans replaced by a newer version (later end, or a higher-ranked status).
     updated: int
+
+
+def upsert_spans(con: duckdb.DuckDBPyConnection, tenant: str, table: pa.Table, stamp: Stamp) -> UpsertResult:
+    """Upsert ``table`` (one tenant's spans) through the cursor ``con``, in one transaction."""
+    con.register("_batch", table)
+    try:
+        if _append_new(con, tenant, table, stamp):
+            return UpsertResult(table.num_rows, 0)
+        return _upsert(con, tenant, table, stamp)
+    finally:
+        con.unregister("_batch")
+
+
+def _append_new(con: duckdb.DuckDBPyConnection, tenant: str, table: pa.Table, stamp: Stamp) -> bool:
+    """The fast path; ``False`` (and nothing written) when some key is stored already or repeats."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(SPANS_APPEND_SQL)
+    except duckdb.ConstraintException:
+        # A known or repeated key, or a NULL where none may be: the slow path sorts
+        # the first two out and fails on the third just as before.
+        con.execute("ROLLBACK")
+        return False
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    try:
+        con.register("_new", table)  # every row is new: the batch itself, no copy
+        con.execute(SUMMARY_APPEND_SQL, [tenant, stamp(table.num_rows)])
+        con.unregister("_new")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+    return True
+
+
+def _upsert(con: duckdb.DuckDBPyConnection, tenant: str, table: pa.Table, stamp: Stamp) -> UpsertResult:
+    """The slow path: insert the new keys, then replace older versions of the known ones."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        new = con.sql(SPANS_INSERT_SQL).to_arrow_table()
+        if new.num_rows:
+            con.register("_new", new)
+            con.execute(SUMMARY_APPEND_SQL, [tenant, stamp(new.num_rows)])
+            con.unregister("_new")
+        updated = 0
+        if new.num_rows < table.num_rows:
+            # Some keys were known: replays (nothing to do) or newer versions.
+            touched = con.sql(SPANS_UPDATE_SQL).to_arrow_table()
+            updated = touched.num_rows
+            if updated:
+                con.register("_touched", touched)
+                con.execute(SUMMARY_REBUILD_SQL, [tenant])
+                con.execute(SUMMARY_REPLACE_SQL)
+                con.unregister("_touched")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+    return UpsertResult(int(new.num_rows), int(updated))

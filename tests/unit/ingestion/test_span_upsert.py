@@ -12,6 +12,7 @@ import pytest
 
 from betrace.agents.ingest import DedupeCache, IngestStage
 from betrace.config import load_settings
+from betrace.errors import SinkError
 from betrace.metrics import InMemoryHooks
 from betrace.sinks.duckdb_store import TenantStore
 from betrace.streams.otlp import OtlpDecoder, Record
@@ -121,3 +122,39 @@ def test_dedupe_cache_drops_exact_replays_but_passes_updates(spans: pa.Table) ->
     updated = spans.set_column(spans.schema.get_field_index("end_ns"), spans.schema.field("end_ns"), ends)
     assert stage.dedupe_table(updated.slice(0, 7)).num_rows == 7
     assert stage.dedupe_table(updated.slice(0, 7)).num_rows == 0
+
+
+def summaries_match_spans(store: TenantStore) -> bool:
+    """The ``traces`` view agrees with a recount of the stored spans, trace by trace."""
+    with store.cursor("acme") as con:
+        diff = con.execute(
+            "SELECT count(*) FROM (SELECT trace_id, span_count, error_count, end_ns FROM traces "
+            "EXCEPT SELECT trace_id, count(*), count(*) FILTER (WHERE status_code = 2), max(end_ns) "
+            "FROM spans GROUP BY trace_id)"
+        ).fetchone()
+        row = con.execute("SELECT count(*) FROM traces").fetchone()
+        traces = con.execute("SELECT count(DISTINCT trace_id) FROM spans").fetchone()
+    return diff == (0,) and row == traces
+
+
+def test_batch_of_new_and_known_spans_stores_only_the_new(store: TenantStore, spans: pa.Table) -> None:
+    half = spans.num_rows // 2
+    assert store.upsert_spans("acme", spans.slice(0, half)).inserted == half
+    result = store.upsert_spans("acme", spans)  # known keys send it down the slow path
+    assert (result.inserted, result.updated) == (spans.num_rows - half, 0)
+    assert store.span_counts() == {"acme": (spans.num_rows, spans.num_rows)}
+    assert summaries_match_spans(store)
+
+
+def test_a_rejected_batch_writes_nothing(store: TenantStore, spans: pa.Table) -> None:
+    store.upsert_spans("acme", spans.slice(0, 10))
+    with store.cursor("acme") as con:
+        parts = con.execute("SELECT count(*) FROM trace_summaries").fetchone()
+    bad = with_values(spans.slice(10, 20), 5, name=None)  # NOT NULL: both paths refuse it
+    with pytest.raises(SinkError, match="span insert failed"):
+        store.upsert_spans("acme", bad)
+    assert store.span_counts() == {"acme": (10, 10)}
+    with store.cursor("acme") as con:
+        assert con.execute("SELECT count(*) FROM trace_summaries").fetchone() == parts
+    assert store.upsert_spans("acme", spans.slice(10, 20)).inserted == 20
+    assert summaries_match_spans(store)
