@@ -1,9 +1,11 @@
 """Trace assembly in isolation: throughput, memory of many live traces, one huge trace.
 
-    .venv/bin/python benchmarks/bench_assembly.py [--live 100000] [--huge 1000000]
+    .venv/bin/python benchmarks/bench_assembly.py [--live 100000] [--huge 1000000] [--steady 0]
 
 Runs the assembler in-process (no Kafka), with the demo rules, on synthetic
 Arrow batches, and prints spans/s and RSS figures for benchmarks/RESULTS.md.
+The live figures include building the batches; ``--steady N`` (an extra
+measurement) feeds N pre-built messages as a continuous stream instead.
 """
 
 from __future__ import annotations
@@ -133,10 +135,34 @@ def bench_huge(spans: int) -> None:
     )
 
 
+def bench_steady(messages: int) -> None:
+    """A continuous stream: traces open, go idle and close every tick (batches built beforehand)."""
+    clock = Clock()
+    asm = assembler(clock, live_limit=10**6)
+    batches = [batch(i * 500, 500, 20, start=i * 10_000) for i in range(messages)]
+    spans = sum(b.num_rows for b in batches)
+    closed = 0
+    cpu, wall = time.process_time(), time.perf_counter()
+    for seq, b in enumerate(batches):
+        asm.add(b, seq, offset=seq)
+        clock.now += 0.05  # 20 messages/s: a trace closes 100 messages after it went idle
+        out = asm.close_due()
+        closed += out.traces if out else 0
+    clock.now += 3600
+    out = asm.close_due()
+    closed += out.traces if out else 0
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    print(
+        f"steady: {spans:,} spans ({closed:,} traces) added and closed, decision cache on: "
+        f"{spans / cpu:,.0f} spans/s CPU ({cpu:.2f}s), {spans / wall:,.0f} spans/s wall ({wall:.2f}s)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--live", type=int, default=100_000)
     parser.add_argument("--huge", type=int, default=1_000_000)
+    parser.add_argument("--steady", type=int, default=0, help="messages of 10,000 spans (0: skip)")
     args = parser.parse_args()
     print(f"start RSS {rss_mib():.0f} MiB")
     if args.huge:
@@ -144,6 +170,8 @@ def main() -> None:
     if args.live:
         bench_live(args.live, 300.0)
         bench_live(args.live, 0.0)
+    if args.steady:
+        bench_steady(args.steady)
 
 
 if __name__ == "__main__":

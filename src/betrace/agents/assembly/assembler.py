@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from betrace.agents.assembly import summary as sm
+from betrace.agents.assembly.shared import fold_tenants
 from betrace.agents.assembly.state import (
     EMPTY,
     Decision,
@@ -40,6 +41,8 @@ from betrace.agents.assembly.state import (
     decode_open,
     encode_decision,
     encode_open,
+    gather,
+    piece,
 )
 from betrace.agents.evaluate import signal_id
 from betrace.config.settings import AssemblyPolicy
@@ -165,7 +168,8 @@ class TraceAssembler:
         return len(self._decisions)
 
     def held_bytes(self) -> int:
-        return sum(t.held_bytes() for t in self._all.values())
+        row_bytes: dict[int, float] = {}  # the traces are alive, so are their tables and ids
+        return sum(t.held_bytes(row_bytes) for t in self._all.values())
 
     def policy(self, tenant: str) -> AssemblyPolicy:
         p = self._policies.get(tenant)
@@ -190,48 +194,48 @@ class TraceAssembler:
         if spans.num_rows == 0:
             return
         per_row = spans.nbytes / spans.num_rows
-        for trace_id, tenant, rows in _split_by_trace(spans):
-            src = -1 if offset is None else offset
-            decision = self._decisions.get(trace_id)
-            if decision is not None and trace_id not in self._all:
-                if src <= decision.hw and offset is not None:
-                    self.hooks.count("betrace_replayed_spans_skipped_total", rows.num_rows, stage=STEP_ID)
-                    continue
-                self._late.setdefault(trace_id, []).append((rows, seq, src))
-                self._hold(seq)
-                continue
-            trace = self._all.get(trace_id)
+        src = -1 if offset is None else offset
+        table, groups = _split_by_trace(spans)
+        live, decisions, idle_of, refs = self._all, self._decisions, self._idle, self._refs
+        # The per-trace loop of assembly: kept flat (no call per trace).
+        for trace_id, tenant, start, size in groups:
+            trace = live.get(trace_id)
             if trace is None:
+                decision = decisions.get(trace_id)
+                if decision is not None:
+                    if src <= decision.hw and offset is not None:
+                        self.hooks.count("betrace_replayed_spans_skipped_total", size, stage=STEP_ID)
+                        continue
+                    self._late.setdefault(trace_id, []).append((table.slice(start, size), seq, src))
+                    self._hold(seq)
+                    continue
                 trace = OpenTrace(trace_id, tenant, partition, first_seen=now, last_seen=now)
-                self._all[trace_id] = trace
+                live[trace_id] = trace
                 self.policy(tenant)
             elif offset is not None and src <= trace.hw:
-                self.hooks.count("betrace_replayed_spans_skipped_total", rows.num_rows, stage=STEP_ID)
+                self.hooks.count("betrace_replayed_spans_skipped_total", size, stage=STEP_ID)
                 continue
-            self._append(trace, rows, seq=seq, src=src, now=now, per_row=per_row)
-
-    def _append(
-        self, trace: OpenTrace, rows: pa.Table, *, seq: int, src: int, now: float, per_row: float
-    ) -> None:
-        trace.chunks.append(rows)
-        trace.rows += rows.num_rows
-        trace.spans += rows.num_rows
-        trace.bytes += int(per_row * rows.num_rows)
-        trace.last_seen = now
-        trace.hw = max(trace.hw, src)
-        if trace.dirty_since is None:
-            trace.dirty_since = now
-        if seq not in trace.held:
-            trace.held.add(seq)
-            self._hold(seq)
-        idle = self._idle.setdefault(trace.tenant, {})
-        idle.pop(trace.trace_id, None)
-        idle[trace.trace_id] = trace  # move to the end: most recently touched
-        policy = self.policy(trace.tenant)
-        if trace.bytes > policy.max_trace_bytes:
-            self._force.setdefault(trace.trace_id, "bytes_limit")
-        elif trace.rows + trace.overlap.num_rows >= policy.window_spans:
-            self._fold_due.add(trace.trace_id)
+            trace.chunks.append((table, start, size))
+            trace.rows += size
+            trace.spans += size
+            trace.bytes += int(per_row * size)
+            trace.last_seen = now
+            trace.hw = max(trace.hw, src)
+            if trace.dirty_since is None:
+                trace.dirty_since = now
+            if seq not in trace.held:
+                trace.held.add(seq)
+                refs[seq] = refs.get(seq, 0) + 1  # _hold
+            idle = idle_of.get(trace.tenant)
+            if idle is None:
+                idle = idle_of[trace.tenant] = {}
+            idle.pop(trace_id, None)
+            idle[trace_id] = trace  # move to the end: most recently touched
+            policy = self.policy(trace.tenant)
+            if trace.bytes > policy.max_trace_bytes:
+                self._force.setdefault(trace_id, "bytes_limit")
+            elif trace.rows + trace.overlap.num_rows >= policy.window_spans:
+                self._fold_due.add(trace_id)
 
     def _hold(self, seq: int) -> None:
         self._refs[seq] = self._refs.get(seq, 0) + 1
@@ -255,16 +259,12 @@ class TraceAssembler:
         due = self._due(now, flush_all)
         folded = self._fold(windows, summaries, skip=due)
         late = self._take_late(windows, summaries, out)
-        closing = self._close_windows(due, windows, summaries)
+        closing = self._close_windows(due, windows, summaries, out)
         self._judge(windows, summaries)
-        forwarded = self._finish_closing(closing, due, now, out)
+        self._finish_closing(closing, due, now, out)
         self._finish_late(late, now, out)
         self._checkpoint(folded, now, out, flush_all=flush_all)
         self._expire(now, out)
-        if forwarded:
-            # One contiguous table: thousands of per-trace slices would make every
-            # later filter, IPC write and rule evaluation pay per chunk.
-            out.spans = pa.concat_tables(forwarded).combine_chunks()
         self._ticks += 1
         self.hooks.gauge("betrace_live_traces", len(self._all), stage=STEP_ID)
         if self._ticks % 40 == 0 or flush_all:
@@ -337,7 +337,7 @@ class TraceAssembler:
             # Copy what is kept so that dropped rows free their message buffers.
             trace.overlap = _compact(rows.slice(start, counted - start))
             rest = _compact(rows.slice(counted))
-            trace.chunks = [rest] if rest.num_rows else []
+            trace.chunks = [piece(rest)] if rest.num_rows else []
             trace.rows = rest.num_rows
             summaries.setdefault(trace_id, trace.summaries)
             folded.append(trace_id)
@@ -393,33 +393,43 @@ class TraceAssembler:
         return late
 
     def _close_windows(
-        self, due: dict[str, Cause], windows: list[_Window], summaries: dict[str, sm.Summaries]
+        self,
+        due: dict[str, Cause],
+        windows: list[_Window],
+        summaries: dict[str, sm.Summaries],
+        out: ClosedTraces,
     ) -> list[OpenTrace]:
-        """The last window of every closing trace that needed windows (or is remembered)."""
+        """The last window of every closing trace that needed windows (or is remembered).
+
+        Also sets ``out.spans``: the closing traces that are forwarded whole.
+        """
         closing = []
+        forwarded: list[OpenTrace] = []
         # Most traces close whole, never windowed: judge them as one batch per tenant
         # (vectorised window ids) instead of building a window table per trace.
-        whole_batch: dict[str, list[pa.Table]] = {}
+        whole_batch: dict[str, list[OpenTrace]] = {}
         for trace_id, cause in due.items():
             trace = self._all[trace_id]
             closing.append(trace)
             policy = self.policy(trace.tenant)
             whole = trace.spans == trace.rows + trace.overlap.num_rows
+            if whole and cause != "bytes_limit":
+                forwarded.append(trace)  # nothing was dropped: the evaluate stage judges it exactly
             remember = policy.decision_cache_s > 0 and self.decision_cache_max > 0
             if whole and not remember and cause != "bytes_limit":
                 continue  # forwarded whole, nothing to remember
-            rows = trace.pending()
             if (
                 whole
                 and trace.windows == 0
                 and cause != "bytes_limit"
-                and rows.num_rows <= policy.window_spans
+                and trace.rows + trace.overlap.num_rows <= policy.window_spans
                 and self._rules(trace.tenant)
             ):
                 trace.windows = 1
-                whole_batch.setdefault(trace.tenant, []).extend(trace.chunks)
+                whole_batch.setdefault(trace.tenant, []).append(trace)
                 summaries[trace_id] = trace.summaries
                 continue
+            rows = trace.pending()
             counted, start = trace.overlap.num_rows, 0
             # A trace may close holding more than a window (one big message): cut it too.
             while rows.num_rows - start > policy.window_spans:
@@ -429,8 +439,14 @@ class TraceAssembler:
             if rows.num_rows > counted or trace.windows == 0:
                 self._window(trace, rows.slice(start), rows.num_rows - counted, windows)
             summaries[trace_id] = trace.summaries
-        for tenant, chunks in whole_batch.items():
-            table = pa.concat_tables(chunks).combine_chunks()
+        if forwarded:
+            # One contiguous table: thousands of per-trace slices would make every
+            # later filter, IPC write and rule evaluation pay per chunk.
+            out.spans = _rows_of(forwarded)
+        for tenant, batch in whole_batch.items():
+            # The whole batch is a subset of the forwarded traces, in the same order:
+            # usually all of them, and then their rows are already gathered.
+            table = out.spans if len(batch) == len(forwarded) else _rows_of(batch)
             col = table.schema.get_field_index("trace_id")
             ids = pc.binary_join_element_wise(table.column(col), f"{sm.WINDOW_SEP}1", "")
             windows.append(
@@ -438,22 +454,23 @@ class TraceAssembler:
                     tenant, table.set_column(col, "trace_id", ids), pa.repeat(pa.scalar(True), table.num_rows)
                 )
             )
-            self.hooks.count("betrace_windows_evaluated_total", len(chunks), stage=STEP_ID)
+            chunks = sum(len(t.chunks) for t in batch)
+            self.hooks.count("betrace_windows_evaluated_total", chunks, stage=STEP_ID)
         return closing
 
     def _judge(self, windows: list[_Window], summaries: dict[str, sm.Summaries]) -> None:
-        by_tenant: dict[str, list[_Window]] = {}
-        for w in windows:
-            by_tenant.setdefault(w.tenant, []).append(w)
-        for tenant, ws in by_tenant.items():
-            table = pa.concat_tables([w.table for w in ws]).combine_chunks()
-            new = pa.concat_arrays([w.new for w in ws])
-            sm.fold_windows(self._rules(tenant), table, new, summaries)
+        """Fold every window of the tick at once: each distinct rule program runs once."""
+        if not windows:
+            return
+        table = windows[0].table if len(windows) == 1 else pa.concat_tables([w.table for w in windows])
+        if any(c.num_chunks > 1 for c in table.columns):
+            table = table.combine_chunks()
+        new = windows[0].new if len(windows) == 1 else pa.concat_arrays([w.new for w in windows])
+        fold_tenants(self._rules, table, new, summaries)
 
     def _finish_closing(
         self, closing: list[OpenTrace], due: dict[str, Cause], now: float, out: ClosedTraces
-    ) -> list[pa.Table]:
-        forwarded: list[pa.Table] = []
+    ) -> None:
         closed_by: dict[Cause, int] = {}
         for trace in closing:
             cause = due[trace.trace_id]
@@ -465,10 +482,7 @@ class TraceAssembler:
                 self._anomaly(cause, trace, "closed and evaluated early")
             out.traces += 1
             whole = trace.spans == trace.rows + trace.overlap.num_rows
-            if whole and cause != "bytes_limit":
-                # Nothing was dropped: the evaluate stage judges the whole trace exactly.
-                forwarded.extend(trace.chunks)
-            else:
+            if not whole or cause == "bytes_limit":  # else forwarded by _close_windows
                 out.signals.extend(self._verdicts(trace))
             policy = self.policy(trace.tenant)
             if trace.checkpointed:
@@ -490,7 +504,6 @@ class TraceAssembler:
             self._unhold(trace.held)
         for cause, n in closed_by.items():
             self.hooks.count("betrace_traces_closed_total", n, stage=STEP_ID, cause=cause)
-        return forwarded
 
     def _verdicts(self, trace: OpenTrace) -> list[dict[str, Any]]:
         docs = []
@@ -655,21 +668,41 @@ def _compact(table: pa.Table) -> pa.Table:
     return table.take(pa.array(range(table.num_rows), pa.int32())).combine_chunks()
 
 
-def _split_by_trace(spans: pa.Table) -> Iterator[tuple[str, str, pa.Table]]:
-    """(trace id, tenant, rows) per trace in a message, rows in arrival order."""
+def _rows_of(traces: list[OpenTrace]) -> pa.Table:
+    """The new rows of ``traces``, trace after trace, as one contiguous table."""
+    return gather([c for trace in traces for c in trace.chunks])
+
+
+def _split_by_trace(spans: pa.Table) -> tuple[pa.Table, list[tuple[str, str, int, int]]]:
+    """(trace id, tenant, start, size) per trace in a message, in trace id order.
+
+    Each trace's rows are ``start : start + size`` of the returned table, in
+    arrival order: the message itself when its rows are already grouped by trace.
+    """
     trace_ids = spans.column("trace_id")
-    unique = pc.unique(trace_ids)
-    if len(unique) == 1:
-        yield unique[0].as_py(), spans.column("tenant")[0].as_py(), spans
-        return
+    if trace_ids.null_count == 0:
+        ids = trace_ids.chunk(0) if trace_ids.num_chunks == 1 else trace_ids.combine_chunks()
+        bounds = pc.indices_nonzero(pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1)))
+        if len(bounds) == 0:
+            return spans, [(ids[0].as_py(), spans.column("tenant")[0].as_py(), 0, spans.num_rows)]
+        starts = [0, *(b + 1 for b in bounds.to_pylist())]
+        at = pa.array(starts, pa.int64())
+        firsts = pc.take(ids, at)
+        if pc.count_distinct(firsts).as_py() == len(firsts):
+            # Already one run per trace: no copy, only the traces visited in id order.
+            ends = [*starts[1:], spans.num_rows]
+            order = pc.sort_indices(firsts).to_pylist()
+            tenants = pc.take(spans.column("tenant"), at).to_pylist()
+            names = firsts.to_pylist()
+            return spans, [(names[i], tenants[i], starts[i], ends[i] - starts[i]) for i in order]
+    elif len(unique := pc.unique(trace_ids)) == 1:
+        return spans, [(unique[0].as_py(), spans.column("tenant")[0].as_py(), 0, spans.num_rows)]
     # A stable sort keeps each trace's rows in arrival order; one contiguous batch
-    # makes the per-trace slices below cheap (the hot path of assembly).
+    # makes the per-trace pieces cheap (the hot path of assembly).
     ordered = spans.take(pc.sort_indices(trace_ids)).combine_chunks()
     counts = pc.value_counts(ordered.column("trace_id"))
-    ids = counts.field(0).to_pylist()
+    names = counts.field(0).to_pylist()
     sizes = counts.field(1).to_pylist()
     starts = [0, *itertools.accumulate(sizes)][:-1]
     tenants = pc.take(ordered.column("tenant"), pa.array(starts, pa.int64())).to_pylist()
-    slice_ = ordered.slice
-    for trace_id, tenant, start, size in zip(ids, tenants, starts, sizes, strict=True):
-        yield trace_id, tenant, slice_(start, size)
+    return ordered, list(zip(names, tenants, starts, sizes, strict=True))

@@ -21,14 +21,83 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from betrace.agents.assembly.summary import RuleSummary, Summaries
+from betrace.agents.assembly.summary import RuleSummary, Summaries, summaries_json
 from betrace.streams.codecs import ipc_to_table, table_to_ipc
 from betrace.streams.schemas import SPAN_SCHEMA
 
 _MAGIC = b"BTA1"
 _HEAD = struct.Struct(">I")
 EMPTY = SPAN_SCHEMA.empty_table()
+#: :func:`gather` concatenates slices up to this many runs, or runs of this many rows on average.
+_FEW_RUNS = 32
+_LONG_RUN = 256
+#: ... and when the tables hold more than this many times the rows wanted.
+_SPARSE = 4
+
+#: Rows ``start : start + length`` of a table (usually a whole message): a trace's rows
+#: are kept as such references, not as slice tables, so that taking a message and
+#: forwarding many traces at once costs no Python object per trace and table.
+Piece = tuple[pa.Table, int, int]
+
+
+def piece(table: pa.Table) -> Piece:
+    """All rows of ``table``."""
+    return (table, 0, table.num_rows)
+
+
+def piece_rows(p: Piece) -> pa.Table:
+    table, start, length = p
+    return table if start == 0 and length == table.num_rows else table.slice(start, length)
+
+
+def gather(pieces: list[Piece]) -> pa.Table:
+    """The rows of ``pieces``, in order, as one contiguous table.
+
+    Concatenating thousands of small slices costs per slice and column, so
+    pieces that continue one another in the same table are merged first (a
+    message whose traces all close together becomes one slice); when many
+    runs remain, the rows are taken by index from the tables at once.
+    """
+    runs: list[Piece] = []
+    last: pa.Table | None = None
+    start = end = 0
+    for table, s, n in pieces:
+        if table is last and s == end:
+            end += n
+            continue
+        if last is not None and end > start:
+            runs.append((last, start, end - start))
+        last, start, end = table, s, s + n
+    if last is not None and end > start:
+        runs.append((last, start, end - start))
+    if not runs:
+        return EMPTY
+    total = sum(n for _, _, n in runs)
+    if len(runs) <= _FEW_RUNS or total >= _LONG_RUN * len(runs):
+        return pa.concat_tables([piece_rows(r) for r in runs]).combine_chunks()
+    base: dict[int, int] = {}
+    tables: list[pa.Table] = []
+    rows = 0
+    for table, _, _ in runs:
+        if id(table) not in base:
+            base[id(table)] = rows
+            tables.append(table)
+            rows += table.num_rows
+    if rows > _SPARSE * total:
+        # A few rows of many big tables: concatenating those would cost more.
+        return pa.concat_tables([piece_rows(r) for r in runs]).combine_chunks()
+    # Row i of run r is row i + shift[r] of the concatenated tables.
+    offsets, shift, out = [0], [], 0
+    for table, s, n in runs:
+        shift.append(base[id(table)] + s - out)
+        out += n
+        offsets.append(out)
+    run_of = pc.list_parent_indices(pa.ListArray.from_arrays(pa.array(offsets, pa.int64()), pa.nulls(out)))
+    position = pc.subtract(pc.cumulative_sum(pa.repeat(pa.scalar(1, pa.int64()), out)), 1)
+    indices = pc.add(position, pc.take(pa.array(shift, pa.int64()), run_of))
+    return pa.concat_tables(tables).combine_chunks().take(indices)
 
 
 @dataclass(slots=True)
@@ -40,7 +109,7 @@ class OpenTrace:
     partition: int
     first_seen: float
     last_seen: float
-    chunks: list[pa.Table] = field(default_factory=list)  # rows not yet in a window, arrival order
+    chunks: list[Piece] = field(default_factory=list)  # rows not yet in a window, arrival order
     rows: int = 0
     overlap: pa.Table = field(
         default_factory=lambda: EMPTY
@@ -56,13 +125,27 @@ class OpenTrace:
 
     def pending(self) -> pa.Table:
         """Overlap followed by the new rows (arrival order)."""
-        parts = [self.overlap, *self.chunks] if self.overlap.num_rows else self.chunks
+        parts = [piece_rows(c) for c in self.chunks]
+        if self.overlap.num_rows:
+            parts.insert(0, self.overlap)
         if not parts:
             return EMPTY
         return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
 
-    def held_bytes(self) -> int:
-        return int(self.overlap.nbytes) + sum(int(c.nbytes) for c in self.chunks)
+    def held_bytes(self, row_bytes: dict[int, float] | None = None) -> int:
+        """Bytes of the rows held; a piece of a table counts its share of the table.
+
+        ``row_bytes`` memoises bytes per row by table id across the traces of one
+        sum (``nbytes`` walks every buffer; one message backs many traces).
+        """
+        memo = {} if row_bytes is None else row_bytes
+        held = float(self.overlap.nbytes) if self.overlap.num_rows else 0.0
+        for table, _, length in self.chunks:
+            per_row = memo.get(id(table))
+            if per_row is None:
+                per_row = memo[id(table)] = table.nbytes / max(table.num_rows, 1)
+            held += per_row * length
+        return int(held)
 
 
 @dataclass(slots=True)
@@ -76,10 +159,6 @@ class Decision:
     windows: int
     summaries: Summaries
     capped: bool = False  # over the byte limit: later spans are dropped, not judged
-
-
-def _summaries_json(summaries: Summaries) -> dict[str, Any]:
-    return {k: s.to_json() for k, s in summaries.items()}
 
 
 def _summaries_from(doc: dict[str, Any]) -> Summaries:
@@ -97,7 +176,7 @@ def encode_open(trace: OpenTrace) -> bytes:
             "spans": trace.spans,
             "bytes": trace.bytes,
             "overlap": trace.overlap.num_rows,
-            "summaries": _summaries_json(trace.summaries),
+            "summaries": summaries_json(trace.summaries),
         }
     )
     rows = trace.pending()
@@ -121,7 +200,7 @@ def decode_open(trace_id: str, partition: int, value: bytes) -> OpenTrace:
         partition=partition,
         first_seen=float(head["first_seen"]),
         last_seen=float(head["last_seen"]),
-        chunks=[new] if new.num_rows else [],
+        chunks=[piece(new)] if new.num_rows else [],
         rows=new.num_rows,
         overlap=rows.slice(0, n_overlap),
         hw=int(head["hw"]),
@@ -141,7 +220,7 @@ def encode_decision(decision: Decision) -> bytes:
             "hw": decision.hw,
             "windows": decision.windows,
             "capped": decision.capped,
-            "summaries": _summaries_json(decision.summaries),
+            "summaries": summaries_json(decision.summaries),
         }
     )
 

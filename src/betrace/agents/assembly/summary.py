@@ -30,6 +30,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from betrace.rules.batch import BatchContext
 from betrace.rules.dsl import compiler as dslc
 from betrace.rules.dsl import parser as dslp
 from betrace.rules.engine import CompiledDslRule
@@ -60,15 +61,20 @@ class RuleSummary:
     violated: bool = False  # other languages: violated in some window
     evidence: list[str] = field(default_factory=list)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"c": self.counts, "v": self.violated, "e": self.evidence}
-
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> RuleSummary:
         return cls(counts=doc.get("c"), violated=bool(doc.get("v")), evidence=list(doc.get("e") or ()))
 
 
 Summaries = dict[str, RuleSummary]
+
+
+def summaries_json(summaries: Summaries) -> dict[str, Any]:
+    """The JSON form of ``summaries`` (read back by :meth:`RuleSummary.from_json`).
+
+    One comprehension, no call per rule: this runs for every closed trace.
+    """
+    return {k: {"c": s.counts, "v": s.violated, "e": s.evidence} for k, s in summaries.items()}
 
 
 class _DslLeaves:
@@ -147,10 +153,14 @@ def fold_windows(
     """Add the windows in ``windows`` (one tenant) to the per-trace summaries in ``into``."""
     if windows.num_rows == 0 or not compiled_rules:
         return
+    traces: list[str] = []  # per window (trace code of the batch context): its trace
     for compiled in compiled_rules:
         key = rule_key(compiled)
         if isinstance(compiled, CompiledDslRule):
-            _fold_dsl(compiled, key, windows, new, into)
+            ctx = compiled.context(windows)
+            if not traces:
+                traces = [w.rpartition(WINDOW_SEP)[0] for w in ctx.trace_ids.to_pylist()]  # trace_of
+            _fold_dsl(compiled, key, ctx, traces, new=new, into=into)
         else:
             for violation in compiled.evaluate(windows):
                 summary = into.setdefault(trace_of(violation.trace_id), {}).setdefault(key, RuleSummary())
@@ -161,11 +171,15 @@ def fold_windows(
 
 
 def _fold_dsl(
-    compiled: CompiledDslRule, key: str, windows: pa.Table, new: pa.Array, into: dict[str, Summaries]
+    compiled: CompiledDslRule,
+    key: str,
+    ctx: BatchContext,
+    traces: list[str],
+    *,
+    new: pa.Array,
+    into: dict[str, Summaries],
 ) -> None:
     leaves = _leaves(compiled)
-    ctx = compiled.context(windows)
-    traces = [trace_of(w) for w in ctx.trace_ids.to_pylist()]
     per_leaf: list[list[int]] = []
     evidence_mask: pa.Array | None = None
     for i, mask_fn in enumerate(leaves.masks):
@@ -173,13 +187,19 @@ def _fold_dsl(
         per_leaf.append(ctx.group_count(mask).to_pylist())
         if i in leaves.when_leaves:
             evidence_mask = mask if evidence_mask is None else pc.or_(evidence_mask, mask)
-    nleaves = len(leaves.masks)
-    for code, trace_id in enumerate(traces):
-        summary = into.setdefault(trace_id, {}).setdefault(key, RuleSummary())
-        if summary.counts is None:
-            summary.counts = [0] * nleaves
-        for i in range(nleaves):
-            summary.counts[i] += per_leaf[i][code]
+    # One pass over the windows, the counts of all leaves at once (most summaries are new).
+    for trace_id, counts in zip(traces, zip(*per_leaf, strict=True), strict=True):
+        per_trace = into.get(trace_id)
+        if per_trace is None:
+            per_trace = into[trace_id] = {}
+        summary = per_trace.get(key)
+        if summary is None:
+            per_trace[key] = RuleSummary(counts=list(counts))
+        elif summary.counts is None:
+            summary.counts = list(counts)
+        else:
+            for i, n in enumerate(counts):
+                summary.counts[i] += n
     if evidence_mask is not None:
         # Best effort and bounded: a few cited spans, never a per-span loop over a window.
         hits = pc.indices_nonzero(evidence_mask)[: 4 * MAX_EVIDENCE]

@@ -1,0 +1,90 @@
+"""Judging many tenants' windows with shared rule programs gives the per-tenant summaries."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from tests.unit.agents.test_assembly_windows import spans
+
+from betrace.agents.assembly import summary as sm
+from betrace.agents.assembly.shared import fold_tenants
+from betrace.rules.engine import compile_rule
+from betrace.rules.model import CompiledRule, Rule
+
+PACK = [
+    Rule(id="pii", tenant="-", name="pii audited", expression="when { pii.access } always { audit.log }"),
+    Rule(
+        id="db",
+        tenant="-",
+        name="db budget",
+        expression="when { http.request } never { count(db.query) > 2 }",
+    ),
+    Rule(id="tq", tenant="-", name="errors", language="traceql", expression='{ name = "boom" }'),
+]
+
+
+def rules(tenant: str, *, version: int = 1, extra: bool = False) -> list[CompiledRule]:
+    pack = [replace(r, tenant=tenant, version=version) for r in PACK]
+    if extra:  # the same program twice under two ids, and one program nobody else runs
+        pack.append(replace(PACK[0], tenant=tenant, id="pii-copy"))
+        pack.append(
+            Rule(id="own", tenant=tenant, name="own", expression="when { audit.log } always { pii.access }")
+        )
+    return [compile_rule(r) for r in pack]
+
+
+RULES = {"a": rules("a"), "b": rules("b", version=3), "c": rules("c", extra=True)}
+
+TRACES = {
+    ("a", "1" * 32): ["pii.access", "http.request", "db.query", "db.query", "db.query", "boom"],
+    ("a", "2" * 32): ["pii.access", "audit.log"],
+    ("b", "3" * 32): ["pii.access", "x"],
+    ("b", "4" * 32): ["http.request", "db.query"],
+    ("c", "5" * 32): ["audit.log", "boom", "pii.access"],
+    ("c", "6" * 32): ["pii.access"],
+}
+
+
+def windows(window: int) -> tuple[pa.Table, pa.Array]:
+    parts = [
+        sm.window_table(spans(trace, names, tenant=tenant), f"{trace}{sm.WINDOW_SEP}{window}")
+        for (tenant, trace), names in TRACES.items()
+    ]
+    table = pa.concat_tables(parts)
+    return table, pa.repeat(pa.scalar(True), table.num_rows)
+
+
+def per_tenant(table: pa.Table, new: pa.Array, into: dict[str, sm.Summaries]) -> None:
+    for tenant, compiled in RULES.items():
+        mask = pc.equal(table.column("tenant"), tenant)
+        sm.fold_windows(compiled, table.filter(mask), pc.filter(new, mask), into)
+
+
+def test_shared_programs_fold_exactly_like_per_tenant_over_two_windows() -> None:
+    expected: dict[str, sm.Summaries] = {}
+    shared: dict[str, sm.Summaries] = {}
+    for window in (1, 2):  # the second pass adds to the summaries of the first
+        table, new = windows(window)
+        per_tenant(table, new, expected)
+        fold_tenants(RULES.__getitem__, table, new, shared)
+    assert shared == expected
+    # Each tenant's own rule versions, nobody else's (TraceQL keeps only violations).
+    assert set(shared["3" * 32]) == {"pii@3", "db@3"}
+    assert set(shared["5" * 32]) >= {"pii@1", "pii-copy@1", "own@1"}
+    assert shared["1" * 32]["tq@1"].violated
+    assert not any(s.violated for s in shared["2" * 32].values())
+
+
+def test_a_trace_id_under_two_tenants_falls_back_to_per_tenant() -> None:
+    table, new = windows(1)
+    clash = sm.window_table(spans("1" * 32, ["pii.access"], tenant="b"), f"{'1' * 32}{sm.WINDOW_SEP}1")
+    table = pa.concat_tables([table, clash])
+    new = pa.repeat(pa.scalar(True), table.num_rows)
+    expected: dict[str, sm.Summaries] = {}
+    shared: dict[str, sm.Summaries] = {}
+    per_tenant(table, new, expected)
+    fold_tenants(RULES.__getitem__, table, new, shared)
+    assert shared == expected
+    assert "pii@3" in shared["1" * 32]  # tenant b's rule saw its own span of that id
