@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 import faust
 import pyarrow as pa
 import pyarrow.compute as pc
+from faust.types import TP
 
 from betrace.agents.assemble import DECISIONS_TABLE, TRACES_TABLE, ClosedTraces, TraceAssembler
 from betrace.agents.evaluate import EvaluateStage
@@ -417,7 +418,22 @@ class Pipeline:
         for seq in self.assembler.drop_partitions(spans):
             self._held.pop(seq, None)
             self._held_partition.pop(seq, None)
+        self._recover_in_full(spans)
         logger.info("assemble: partitions %s revoked; their open traces were dropped", sorted(spans))
+
+    def _recover_in_full(self, partitions: set[int]) -> None:
+        """Make the next recovery read the state changelogs of ``partitions`` from the start.
+
+        Their state was just dropped, but a partition this worker gets back (every one, in
+        an eager rebalance, when it keeps its partitions) is recovered by faust only from
+        the changelog offset it last read, so its decisions and checkpointed open traces
+        would be lost for good: replayed input counted again, late spans judged as new traces.
+        """
+        recovery = cast(Any, self.app.tables).recovery
+        for table in self.state_tables.values():
+            topic = table.changelog_topic.get_topic_name()
+            for partition in partitions:
+                recovery.revoke(TP(topic, partition))
 
     def _owned_events(self, events: list[Any]) -> list[Any]:
         """Events of partitions this worker still owns; the rest belong to the new owner.
