@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_assembly.py [--live 100000] [--huge 1000000] [--steady 0]
 
 Runs the assembler in-process (no Kafka), with the demo rules, on synthetic
-Arrow batches, and prints spans/s and RSS figures for benchmarks/RESULTS.md.
+Arrow batches, and prints spans/s and RSS figures for benchmarks/RESULTS.md,
+with the worker's GC policy (``--default-gc``: CPython's).
 The live figures include building the batches; ``--steady N`` (an extra
 measurement) feeds N pre-built messages as a continuous stream instead.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from betrace.agents.assembly.assembler import TraceAssembler
+from betrace.agents.gc_policy import tune_gc
 from betrace.config import load_settings
 from betrace.metrics import InMemoryHooks
 from betrace.rules.loader import load_rules
@@ -163,7 +165,12 @@ def main() -> None:
     parser.add_argument("--live", type=int, default=100_000)
     parser.add_argument("--huge", type=int, default=1_000_000)
     parser.add_argument("--steady", type=int, default=0, help="messages of 10,000 spans (0: skip)")
+    parser.add_argument(
+        "--default-gc", action="store_true", help="keep CPython's GC thresholds (the worker tunes them)"
+    )
     args = parser.parse_args()
+    if not args.default_gc:
+        tune_gc()
     print(f"start RSS {rss_mib():.0f} MiB")
     if args.huge:
         bench_huge(args.huge)

@@ -16,6 +16,7 @@ import time
 import orjson
 import pyarrow as pa
 
+from betrace.agents.gc_policy import tune_gc
 from betrace.rules.engine import compile_rule
 from betrace.rules.model import Rule
 from betrace.streams.schemas import SPAN_SCHEMA
@@ -111,7 +112,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--bad", type=float, default=0.01, help="share of misbehaving traces")
     parser.add_argument("--top", type=int, default=6, help="slowest rules to list")
+    parser.add_argument(
+        "--default-gc", action="store_true", help="keep CPython's GC thresholds (the worker tunes them)"
+    )
     args = parser.parse_args()
+    if not args.default_gc:
+        tune_gc()
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
     rng = random.Random(7)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import atexit
-import gc
 import logging
 from collections.abc import Awaitable, Callable
 
 import faust
 
 from betrace.agents.app import Pipeline, build_pipeline
+from betrace.agents.gc_policy import tune_gc
 from betrace.api.http import start_api_server
 from betrace.api.keys import KEYS_FILE, ApiKeyStore
 from betrace.archive.worker import WorkerArchive
@@ -192,14 +191,7 @@ def run_worker(settings: Settings) -> None:
         settings.data_dir,
         f"http://{settings.web_bind}:{settings.web_port}" if settings.web_port else "off",
     )
-    # The stages allocate many short-lived objects per batch while holding many live
-    # ones (open traces): default GC thresholds rescan those live objects constantly.
-    gc.collect()
-    gc.freeze()
-    # Frozen objects skip the collection at interpreter exit, and DuckDB's bindings
-    # (nanobind) then print a wall of "leaked instance" warnings: thaw them first.
-    atexit.register(gc.unfreeze)
-    gc.set_threshold(100_000, 50, 100)
+    tune_gc()
     worker = faust.Worker(
         pipeline.app,
         loglevel=settings.log_level.lower(),
