@@ -188,7 +188,7 @@ class Pipeline:
         self.evaluate = EvaluateStage(rules, self.hooks, audit=self.audit)
         #: worker.started / worker.stopped of this process (recorded by the worker).
         self.session = WorkerSession(self.audit, settings)
-        self.store = TenantStore(settings.data_dir)
+        self.store = TenantStore(settings.data_dir, checkpoint_mib=settings.store_checkpoint_mib)
         if self.downstream:  # several downstream workers: each writes only the tenants it owns
             self.store.track_ownership(topics.partitions)
         #: Held while a sink batch writes tenant files; a revocation waits for it.

@@ -153,6 +153,13 @@ class Settings(BaseSettings):
     store_flush_rows: int = Field(
         200_000, ge=1, description="span rows the DuckDB sink buffers at most before it must flush"
     )
+    store_checkpoint_mib: int = Field(
+        128,
+        ge=1,
+        le=65_536,
+        description="write-ahead log size (MiB) at which a tenant file is checkpointed; "
+        "larger: faster appends, longer log replay after a crash",
+    )
     dedupe_cache_size: int = Field(2_000_000, ge=0, description="recent span keys kept at ingest")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="package log level")
     log_format: Literal["text", "json", "logfmt"] = Field("text", description="log line format on stderr")

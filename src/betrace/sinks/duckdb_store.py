@@ -88,6 +88,8 @@ __all__ = [
 ]
 
 DAY_S = 86_400.0
+#: WAL size that triggers a checkpoint of a tenant file (DuckDB's default is 16 MB).
+DEFAULT_CHECKPOINT_MIB = 128
 
 
 def _barrier() -> None:
@@ -136,9 +138,19 @@ class RetentionResult:
 class TenantStore:
     """Owner of every tenant DuckDB file in this process."""
 
-    def __init__(self, data_dir: Path, *, read_only: bool = False, open_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        read_only: bool = False,
+        open_timeout_s: float = 30.0,
+        checkpoint_mib: int = DEFAULT_CHECKPOINT_MIB,
+    ) -> None:
         self.data_dir = data_dir
         self.read_only = read_only
+        #: Each checkpoint rewrites the primary-key index, so with DuckDB's 16 MB default a
+        #: growing file spent more time checkpointing than appending (benchmarks/RESULTS.md).
+        self.checkpoint_mib = checkpoint_mib
         #: How long a writer open waits out another process's lock (the previous owner closing).
         self.open_timeout_s = open_timeout_s
         self._conns: dict[str, duckdb.DuckDBPyConnection] = {}
@@ -307,7 +319,7 @@ class TenantStore:
         delay, waited = 0.01, False
         while True:
             try:
-                con = duckdb.connect(str(path))
+                con = duckdb.connect(str(path), config={"checkpoint_threshold": f"{self.checkpoint_mib}MiB"})
             except duckdb.Error as exc:
                 if not _is_lock_error(exc) or time.monotonic() >= deadline:
                     raise

@@ -112,6 +112,7 @@ def test_unknown_toml_key_names_the_variable(monkeypatch: pytest.MonkeyPatch, tm
         ("BETRACE_TOPICS__INPUT_ENCODING", "otlp_avro", "'otlp_proto' or 'otlp_json'"),
         ("BETRACE_TOPICS__BOGUS", "1", "Extra inputs are not permitted"),
         ("BETRACE_IDLE_TIMEOUT_S", "-1", "greater than 0"),
+        ("BETRACE_STORE_CHECKPOINT_MIB", "0", "greater than or equal to 1"),
         ("BETRACE_LOG_LEVEL", "LOUD", "DEBUG"),
         ("BETRACE_WEB_PORT", "70000", "less than or equal to 65535"),
         ("BETRACE_BROKERS", "nohost", "expected host:port"),
