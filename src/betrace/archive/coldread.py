@@ -28,6 +28,7 @@ import pyarrow.dataset as ds
 
 from betrace.archive import state
 from betrace.sinks.cold.base import ColdStorage
+from betrace.sinks.store_schema import TRACES_VIEW_SQL
 
 SPAN_COLS = (
     "tenant, trace_id, span_id, parent_span_id, name, service, kind, status_code, start_ns, end_ns, "
@@ -46,18 +47,7 @@ SIGNAL_COLS = (
     "signal_id, tenant, rule_id, rule_version, rule_name, trace_id, span_ids, severity, message, "
     "detected_at, source_produced_ms"
 )
-TRACES_VIEW = """SELECT trace_id,
-       any_value(tenant) AS tenant,
-       min(start_ns) AS start_ns,
-       max(end_ns) AS end_ns,
-       sum(span_count)::BIGINT AS span_count,
-       sum(error_count)::BIGINT AS error_count,
-       arg_min(root_name, start_ns) FILTER (WHERE root_name IS NOT NULL) AS root_name,
-       arg_min(root_service, start_ns) FILTER (WHERE root_service IS NOT NULL) AS root_service,
-       list_sort(list_distinct(flatten(list(services)))) AS services,
-       min(ingested_ns) AS ingested_ns
-FROM trace_summaries
-GROUP BY trace_id"""
+TRACES_VIEW = TRACES_VIEW_SQL
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,22 @@ signal once; ``_writer_sessions`` journals each writer open and close.
 
 from __future__ import annotations
 
-SCHEMA_SQL = """
+#: One row per trace from its summary parts; the cold-storage reader runs the same query
+#: over the archived parts (:mod:`betrace.archive.coldread`).
+TRACES_VIEW_SQL = """SELECT trace_id,
+       any_value(tenant) AS tenant,
+       min(start_ns) AS start_ns,
+       max(end_ns) AS end_ns,
+       sum(span_count)::BIGINT AS span_count,
+       sum(error_count)::BIGINT AS error_count,
+       arg_min(root_name, start_ns) FILTER (WHERE root_name IS NOT NULL) AS root_name,
+       arg_min(root_service, start_ns) FILTER (WHERE root_service IS NOT NULL) AS root_service,
+       list_sort(list_distinct(flatten(list(services)))) AS services,
+       min(ingested_ns) AS ingested_ns
+FROM trace_summaries
+GROUP BY trace_id"""
+
+SCHEMA_SQL = f"""
 CREATE TABLE IF NOT EXISTS spans (
     tenant VARCHAR NOT NULL,
     trace_id VARCHAR NOT NULL,
@@ -53,18 +68,7 @@ CREATE TABLE IF NOT EXISTS trace_summaries (
     ingested_ns BIGINT NOT NULL
 );
 CREATE OR REPLACE VIEW traces AS
-SELECT trace_id,
-       any_value(tenant) AS tenant,
-       min(start_ns) AS start_ns,
-       max(end_ns) AS end_ns,
-       sum(span_count)::BIGINT AS span_count,
-       sum(error_count)::BIGINT AS error_count,
-       arg_min(root_name, start_ns) FILTER (WHERE root_name IS NOT NULL) AS root_name,
-       arg_min(root_service, start_ns) FILTER (WHERE root_service IS NOT NULL) AS root_service,
-       list_sort(list_distinct(flatten(list(services)))) AS services,
-       min(ingested_ns) AS ingested_ns
-FROM trace_summaries
-GROUP BY trace_id;
+{TRACES_VIEW_SQL};
 """
 
 COMPACT_SQL = """
