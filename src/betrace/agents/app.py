@@ -352,9 +352,11 @@ class Pipeline:
             ]
         )
         if self.trace_meta is not None and self.cache is not None:
-            decided = {w.key: w.value for w in closed.writes if w.table == DECISIONS_TABLE and w.value}
-            if decided:  # after the changelog: Redis never knows more than the source of truth
-                self.cache.spawn(self.trace_meta.write_through(decided), cache="trace_meta")
+            writes = [w for w in closed.writes if w.table == DECISIONS_TABLE and w.value]
+            if writes:  # after the changelog: Redis never knows more than the source of truth
+                decided = {w.key: w.value for w in writes if w.value}
+                decoded = {w.key: w.decision for w in writes if w.decision is not None}
+                self.cache.spawn(self.trace_meta.write_through(decided, decoded), cache="trace_meta")
         for seq in closed.released:
             event = self._held.pop(seq, None)
             self._held_partition.pop(seq, None)

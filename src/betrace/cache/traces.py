@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Any
 
 import orjson
 
 from betrace.agents.assembly import summary as sm
-from betrace.agents.assembly.state import decode_decision
+from betrace.agents.assembly.state import Decision, decode_decision
 from betrace.cache.tier import CacheTier, NamedCache
 from betrace.rules.model import CompiledRule
 
@@ -50,8 +51,9 @@ class TraceMetaCache:
         self.decision_window_s = decision_window_s
         self.clock = clock
 
-    def _meta(self, trace_id: str, value: bytes) -> tuple[bytes, float] | None:
-        decision = decode_decision(0, value)
+    def _meta(self, trace_id: str, value: bytes, decision: Decision | None) -> tuple[bytes, float] | None:
+        if decision is None:
+            decision = decode_decision(0, value)
         window = self.decision_window_s(decision.tenant)
         ttl = min(self.ttl_s, window - (self.clock() - decision.closed_at))
         if ttl <= 0:
@@ -69,18 +71,31 @@ class TraceMetaCache:
         }
         return orjson.dumps(doc), ttl
 
-    async def write_through(self, decisions: Mapping[str, bytes]) -> None:
-        """Store encoded decisions (``assembly.state.encode_decision``) of closed traces."""
+    def write_through(
+        self, decisions: Mapping[str, bytes], decoded: Mapping[str, Decision] | None = None
+    ) -> Coroutine[Any, Any, None]:
+        """Store encoded decisions (``assembly.state.encode_decision``) of closed traces.
+
+        ``decoded`` holds the same decisions as objects, where the caller has them:
+        decoding thousands of just-encoded decisions per close tick cost the event
+        loop several percent. The entries are built when this is called, while the
+        objects still match the bytes just delivered to the changelog (a later
+        late span changes them in place); the returned coroutine only sends them.
+        """
+        known = decoded or {}
         by_ttl: dict[int, dict[str, bytes]] = {}
         for trace_id, value in decisions.items():
             try:
-                made = self._meta(trace_id, value)
+                made = self._meta(trace_id, value, known.get(trace_id))
             except (ValueError, KeyError, TypeError) as exc:
                 logger.warning("trace meta: skipping an undecodable decision of %s: %s", trace_id, exc)
                 continue
             if made is not None:
                 # One pipeline per distinct TTL second: decisions of one tick share it.
                 by_ttl.setdefault(max(1, int(made[1])), {})[trace_id] = made[0]
+        return self._send(by_ttl)
+
+    async def _send(self, by_ttl: dict[int, dict[str, bytes]]) -> None:
         for ttl, items in by_ttl.items():
             await self.cache.aset_many(items, ttl_s=float(ttl))
 

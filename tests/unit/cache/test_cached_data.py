@@ -10,6 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from betrace.agents.assembly import summary as sm
 from betrace.agents.assembly.state import Decision, decode_decision, encode_decision
 from betrace.api.keys import ApiKeyStore, AuthError
 from betrace.cache import CacheTier, api_key_cache
@@ -201,3 +202,35 @@ async def test_definitions_are_rewritten_after_redis_comes_back_empty(
     assert len(await fresh.warm()) == 3
     await fresh.release()
     await tier.aclose()
+
+
+@pytest.mark.asyncio
+async def test_trace_meta_from_decision_objects_equals_decoding_the_bytes(tier: CacheTier) -> None:
+    compiled = compile_rule(RULES[0])
+    key = sm.rule_key(compiled)
+    now = time.time()
+    decisions = {
+        "e" * 32: Decision("acme", 0, now, 9, 1, {key: sm.RuleSummary(counts=[1, 0])}),  # pii, no audit
+        "f" * 32: Decision("acme", 0, now, 9, 1, {key: sm.RuleSummary(counts=[1, 1])}),
+    }
+    encoded = {t: encode_decision(d) for t, d in decisions.items()}
+
+    def meta_cache(namespace: str) -> TraceMetaCache:
+        return TraceMetaCache(
+            CacheTier(tier.settings, namespace=namespace, hooks=InMemoryHooks()),
+            ttl_s=600.0,
+            rules_for=lambda tenant: [compiled] if tenant == "acme" else [],
+            decision_window_s=lambda _tenant: 300.0,
+        )
+
+    from_bytes, from_objects = meta_cache(f"{tier.namespace}-b"), meta_cache(f"{tier.namespace}-o")
+    await from_bytes.write_through(encoded)
+    await from_objects.write_through(encoded, decisions)
+    for trace_id, verdict in (("e" * 32, "violation"), ("f" * 32, "pass")):
+        a, b = await from_bytes.meta(trace_id), await from_objects.meta(trace_id)
+        assert a is not None and b is not None
+        assert (a["verdict"], b["verdict"]) == (verdict, verdict)
+        assert a == b
+    assert await from_objects.lookup(list(encoded)) == await from_bytes.lookup(list(encoded))
+    for cache in (from_bytes, from_objects):
+        await cache.cache.tier.aclose()

@@ -70,6 +70,8 @@ class StateWrite:
     partition: int
     key: str
     value: bytes | None
+    #: A decisions write's value as the object, for in-process readers (the Redis write-through).
+    decision: Decision | None = None
 
 
 @dataclass(slots=True)
@@ -499,7 +501,9 @@ class TraceAssembler:
                 )
                 self._decisions[trace.trace_id] = decision
                 out.writes.append(
-                    StateWrite(DECISIONS_TABLE, trace.partition, trace.trace_id, encode_decision(decision))
+                    StateWrite(
+                        DECISIONS_TABLE, trace.partition, trace.trace_id, encode_decision(decision), decision
+                    )
                 )
             self._unhold(trace.held)
         for cause, n in closed_by.items():
@@ -564,7 +568,7 @@ class TraceAssembler:
                     )
                     self.hooks.count("betrace_late_verdict_changes_total", stage=STEP_ID)
             out.writes.append(
-                StateWrite(DECISIONS_TABLE, decision.partition, trace_id, encode_decision(decision))
+                StateWrite(DECISIONS_TABLE, decision.partition, trace_id, encode_decision(decision), decision)
             )
             self._unhold(seqs)
 
