@@ -319,7 +319,7 @@ class TenantStore:
         delay, waited = 0.01, False
         while True:
             try:
-                con = duckdb.connect(str(path), config={"checkpoint_threshold": f"{self.checkpoint_mib}MiB"})
+                con = duckdb.connect(str(path))
             except duckdb.Error as exc:
                 if not _is_lock_error(exc) or time.monotonic() >= deadline:
                     raise
@@ -329,6 +329,9 @@ class TenantStore:
                 continue
             if waited:
                 logger.info("store: %s was held by another process; opened after waiting", path.name)
+            # A setting of this database instance, not a connect option: a connect option would
+            # make every other open of the file in this process fail ("different configuration").
+            con.execute(f"SET GLOBAL checkpoint_threshold = '{int(self.checkpoint_mib)}MiB'")
             return con
 
     def _migrate(self, con: duckdb.DuckDBPyConnection, tenant: str, *, backfill: bool) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, NodeNotReadyError, RequestTimedOutError
 
 from betrace.dev.kafka import LocalKafka
 
@@ -57,8 +58,23 @@ async def _ensure_topic(bootstrap: str, topic: str) -> None:
         await admin.close()
 
 
-async def _produce(bootstrap: str, topic: str, payload: bytes) -> int:
-    await _ensure_topic(bootstrap, topic)
+async def _produce(bootstrap: str, topic: str, payload: bytes, *, retry_s: float = 60.0) -> int:
+    """Produce one record once the admin client can reach the cluster.
+
+    Until the controller fences a SIGKILLed broker (its session times out), the
+    cluster metadata still lists it, and an admin client that picks it gets
+    ``NodeNotReadyError``: retry that step, as a real client would. The send
+    itself is not retried here (a retry could store the record twice).
+    """
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            await _ensure_topic(bootstrap, topic)
+            break
+        except (NodeNotReadyError, KafkaConnectionError, RequestTimedOutError):
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(1.0)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
     await producer.start()
     try:
