@@ -112,14 +112,17 @@ def metric_total(port: int, name: str) -> float:
 
 
 def metric_or_none(port: int, name: str) -> float | None:
-    """Sum of a metric's samples on a worker's /metrics; None when the worker does not answer."""
+    """Sum of a metric's samples on a worker's /metrics; None when the worker does not answer
+    or has no sample of it yet (a worker that just started and has not reported its spools
+    must not count as "spools empty": a dead worker's spooled writes may wait in its slot)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as r:
             text = r.read().decode()
     except (urllib.error.URLError, OSError):
         return None
     pattern = re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", re.M)
-    return sum(float(m.group(1)) for m in pattern.finditer(text))
+    values = [float(m.group(1)) for m in pattern.finditer(text)]
+    return sum(values) if values else None
 
 
 @dataclass
