@@ -407,16 +407,17 @@ class ChaosRun:
         self.fault_end = time.monotonic()
 
     def drain(self, timeout_s: float = 180.0) -> float:
-        """Until every stage topic is committed, again after the idle timeout; the time it took."""
+        """Until every stage topic is committed and no trace is open, again after the idle
+        timeout; the time it took."""
         deadline = time.monotonic() + timeout_s
         self.wait_loaded(timeout_s)
         for rounds in range(2):
             while True:
                 self._supervise()
-                if self.monitor.last_committed_all and self.monitor.last_lag == 0 and self._spool_empty():
+                if self._settled():
                     # Confirmed by a later reading, not one taken before the last records arrived.
                     time.sleep(SAMPLE_S * 2.5)
-                    if self.monitor.last_committed_all and self.monitor.last_lag == 0:
+                    if self._settled():
                         break
                 if time.monotonic() > deadline:
                     tail = self.worker.log_tail() if self.worker else ""
@@ -426,6 +427,17 @@ class ChaosRun:
             if rounds == 0:
                 time.sleep(self.cfg.idle_timeout_s + 1.5)  # the last traces close on the idle timer
         return time.monotonic()
+
+    def _settled(self) -> bool:
+        """Nothing left anywhere: committed, spools replayed, and a worker that has restored
+        its state (a restarted worker's lag reads zero while its restored traces are open)."""
+        return (
+            self.monitor.last_committed_all
+            and self.monitor.last_lag == 0
+            and self._spool_empty()
+            and self.monitor._ready() == 200
+            and metric_or_none(self.web_port, "betrace_live_traces") == 0
+        )
 
     def _spool_empty(self) -> bool:
         """Writes a sink spooled during the fault are acknowledged on Kafka but not yet stored:

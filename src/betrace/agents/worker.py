@@ -24,6 +24,7 @@ from betrace.observability.health import (
     assignment_check,
     data_dir_check,
     lag_checks,
+    recovery_check,
     resilience_checks,
 )
 from betrace.observability.lag_monitor import LagMonitor
@@ -81,6 +82,7 @@ def build_worker(settings: Settings) -> tuple[Pipeline, RuleWatcher, HealthCheck
     health = HealthChecks()
     health.add("data_dir", data_dir_check(settings.data_dir))
     health.add("partitions", assignment_check(pipeline.app))
+    health.add("state", recovery_check(pipeline.app))
     for name, check in lag_checks(monitor).items():
         health.add(name, check)
     for name, check in resilience_checks(pipeline.resilience, settings).items():

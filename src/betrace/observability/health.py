@@ -113,6 +113,24 @@ def assignment_check(app: Any) -> Check:
     return check
 
 
+def recovery_check(app: Any) -> Check:
+    """Not ready while faust rebalances or restores tables: the state it restores (open
+    traces, decisions) is not being judged yet, even though the consumer lag reads zero."""
+
+    def check() -> CheckResult:
+        if getattr(app, "rebalancing", False):
+            return CheckResult(False, "rebalancing")
+        recovery = app.tables.recovery
+        if recovery.in_recovery:
+            remaining = recovery.active_remaining_total()
+            return CheckResult(False, f"restoring assembly state ({remaining} changelog records left)")
+        if not recovery.completed.is_set():
+            return CheckResult(False, "assembly state not restored yet")
+        return CheckResult(True, "state restored")
+
+    return check
+
+
 #: Breakers on the write path: open means writes are being spooled or held.
 CRITICAL_BREAKERS = frozenset({"ledger", "duckdb", "rules"})
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import faust
+
 from betrace.config import load_settings
 from betrace.observability.health import (
+    CheckResult,
     HealthChecks,
     backpressure_check,
     breaker_check,
+    recovery_check,
     resilience_checks,
     spool_check,
     tcp_check,
@@ -70,3 +74,20 @@ def test_resilience_checks_in_a_health_report(tmp_path: Path) -> None:
     assert not ok
     assert set(report) == {"breakers", "spools", "backpressure", "ledger"}
     assert not report["ledger"]["ok"] and report["breakers"]["ok"]
+
+
+def test_not_ready_until_faust_has_restored_the_tables() -> None:
+    """A worker restoring open traces reads zero lag, yet judges nothing: not ready."""
+    app = faust.App("betrace-health-test", broker="kafka://127.0.0.1:1", autodiscover=False)
+    check = recovery_check(app)
+    result = check()
+    assert not result.ok and result.detail == "assembly state not restored yet"
+    recovery = app.tables.recovery
+    recovery.in_recovery = True
+    result = check()
+    assert not result.ok and result.detail.startswith("restoring assembly state (")
+    recovery.in_recovery = False
+    recovery.completed.set()
+    assert check() == CheckResult(True, "state restored")
+    app.rebalancing = True
+    assert check() == CheckResult(False, "rebalancing")
