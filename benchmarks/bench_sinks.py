@@ -27,10 +27,14 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import pyarrow as pa  # noqa: E402
 
+from betrace.config import Settings  # noqa: E402
 from betrace.metrics import InMemoryHooks  # noqa: E402
 from betrace.sinks.duckdb_store import DEFAULT_CHECKPOINT_MIB, TenantStore  # noqa: E402
 from betrace.sinks.ledger import EmbeddedLedger, SignalLedger  # noqa: E402
 from betrace.streams.schemas import SPAN_SCHEMA  # noqa: E402
+
+#: The sink flushes a tenant batch at this many rows (the setting's default).
+FLUSH_ROWS: int = Settings.model_fields["store_flush_rows"].default
 
 
 def pct(values: list[float], q: float) -> float:
@@ -167,7 +171,13 @@ def main() -> None:
     parser.add_argument("--tenants", type=int, default=4)
     parser.add_argument("--rules", type=int, default=5)
     parser.add_argument("--spans", type=int, default=1_000_000)
-    parser.add_argument("--batch-rows", type=int, default=50_000)
+    parser.add_argument(
+        "--batch-rows",
+        type=int,
+        default=FLUSH_ROWS,
+        help=f"spans per transaction (default {FLUSH_ROWS:,}: BETRACE_STORE_FLUSH_ROWS, what the sink "
+        "writes at once when it is behind)",
+    )
     parser.add_argument("--only", choices=("ledger", "store"), default=None)
     parser.add_argument(
         "--checkpoint-mib", type=int, default=DEFAULT_CHECKPOINT_MIB, help="WAL size that checkpoints a file"

@@ -22,6 +22,7 @@ from betrace.archive import state
 from betrace.archive.layout import FILES, day_start_ns
 from betrace.archive.state import Unit
 from betrace.sinks.duckdb_store import SUMMARY_APPEND_SQL
+from betrace.sinks.store_schema import SPAN_COLUMNS_SQL
 
 #: Rows per Parquet row group: small enough that a trace-id lookup reads little,
 #: large enough that the footer stays small.
@@ -40,7 +41,10 @@ DUE_SQL = {
 }
 
 SELECT_SQL = {
-    "spans": "SELECT * FROM spans WHERE trace_id IN (FROM _unit_traces) ORDER BY trace_id, span_id",
+    "spans": (
+        f"SELECT {SPAN_COLUMNS_SQL} FROM spans WHERE trace_id IN (FROM _unit_traces) "  # noqa: S608 - fixed
+        "ORDER BY trace_id, span_id"
+    ),
     "traces": (
         "SELECT trace_id, tenant, start_ns, end_ns, span_count, error_count, root_name, root_service, "
         "services, ingested_ns FROM traces WHERE trace_id IN (FROM _unit_traces) ORDER BY trace_id"

@@ -14,9 +14,9 @@ import duckdb
 
 from betrace.archive.layout import day_start_ns
 from betrace.sinks.duckdb_store import SCHEMA_SQL, SUMMARY_APPEND_SQL
+from betrace.sinks.store_schema import SPAN_KEY_SQL
 
-SPANS_SQL = """
-INSERT OR IGNORE INTO spans
+_GENERATED_SQL = """
 SELECT $tenant,
        md5($seed || ':' || (i // $per_trace)::VARCHAR) AS trace_id,
        substr(md5($seed || ':s:' || i::VARCHAR), 1, 16) AS span_id,
@@ -34,6 +34,7 @@ SELECT $tenant,
        ($start // 1000000)
 FROM range($n) t(i)
 """
+SPANS_SQL = f"INSERT OR IGNORE INTO spans SELECT *, {SPAN_KEY_SQL} FROM ({_GENERATED_SQL}) AS g(tenant, trace_id, span_id)"  # noqa: E501, S608 - fixed SQL
 
 SIGNALS_SQL = """
 INSERT OR IGNORE INTO signals (signal_id, tenant, rule_id, rule_version, rule_name, trace_id, span_ids,

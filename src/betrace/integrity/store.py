@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from betrace.api.queries import Page, Result, _paged
 from betrace.integrity.checks import STORED_KINDS, check_sql
+from betrace.sinks.store_schema import SPAN_COLUMNS_SQL
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS anomalies (
@@ -160,7 +161,7 @@ def check_stored(
                 [since_ns],
             )
         out.traces = int(con.execute("SELECT count(*) FROM _scope").fetchall()[0][0])
-        src = "(SELECT * FROM spans WHERE trace_id IN (SELECT trace_id FROM _scope))"
+        src = f"(SELECT {SPAN_COLUMNS_SQL} FROM spans WHERE trace_id IN (SELECT trace_id FROM _scope))"  # noqa: S608
         found = con.sql(check_sql(src, "spans"), params=[skew_ns, skew_ns]).to_arrow_table()
         _record(con, tenant, found, "check", out)
         resolved = con.execute(RESOLVE_SQL, [dt.datetime.now(dt.UTC), list(STORED_KINDS)]).fetchall()

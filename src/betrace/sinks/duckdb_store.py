@@ -66,6 +66,7 @@ from betrace.sinks.store_schema import (
     COMPACT_SQL,
     SCHEMA_SQL,
     SIGNAL_COLUMNS,
+    SPANS_REKEY_SQL,
     SUMMARY_BACKFILL_SQL,
     WRITER_SESSIONS_SQL,
 )
@@ -104,6 +105,15 @@ class StoreBusyError(SinkError):
 
 class NotOwnerError(StoreBusyError):
     """Another worker owns the tenant's partition (and so its file); retry after a rebalance."""
+
+
+def _spans_keyed_by_strings(con: duckdb.DuckDBPyConnection) -> bool:
+    """A file from before the integer span key: a ``spans`` table without ``trace_key``."""
+    row = con.execute(
+        "SELECT count(*) FILTER (WHERE column_name = 'trace_key'), count(*) FROM duckdb_columns() "
+        "WHERE table_name = 'spans' AND schema_name = 'main' AND NOT internal"
+    ).fetchone()
+    return row is not None and row[1] > 0 and row[0] == 0
 
 
 def _is_lock_error(exc: duckdb.Error) -> bool:
@@ -295,6 +305,9 @@ class TenantStore:
                 ).fetchone()
                 == (1,)
             )
+            if _spans_keyed_by_strings(con):
+                logger.info("store: tenant %r: re-keying spans on integer ids (once per file)", tenant)
+                con.execute(SPANS_REKEY_SQL)
             con.execute(SCHEMA_SQL)
             self._migrate(con, tenant, backfill=not had_summaries)
             con.execute(WRITER_SESSIONS_SQL)

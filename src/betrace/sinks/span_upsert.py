@@ -1,7 +1,8 @@
 """The span store's upsert: one transaction per tenant batch (see :mod:`betrace.sinks.duckdb_store`).
 
-A span is keyed by ``(trace_id, span_id)``; of two versions the one with the
-later ``end_ns`` wins, and at the same end the higher-ranked status
+A span is keyed by ``(trace_id, span_id)`` (as the integer columns ``trace_key``,
+``span_key``: :data:`~betrace.sinks.store_schema.SPAN_KEY_SQL`); of two versions
+the one with the later ``end_ns`` wins, and at the same end the higher-ranked status
 (unset < error < ok: OpenTelemetry treats OK as final). The order is total, so
 replays in any order converge on the same stored row.
 
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 import duckdb
 import pyarrow as pa
 
+from betrace.sinks.store_schema import SPAN_KEY_SQL
+
 #: One summary part per trace from the rows an insert actually added (``_new``).
 #: Parts are append-only (no index to maintain, so appends stay fast); the
 #: ``traces`` view merges them, and :meth:`TenantStore.compact_summaries` folds
@@ -46,10 +49,10 @@ FROM _new
 GROUP BY trace_id
 """
 #: Fast path: every key is new, else a ConstraintException rolls the transaction back.
-SPANS_APPEND_SQL = "INSERT INTO spans SELECT * FROM _batch"
+SPANS_APPEND_SQL = f"INSERT INTO spans SELECT *, {SPAN_KEY_SQL} FROM _batch"  # noqa: S608 - fixed
 #: Slow path, first pass: store the new keys, return them for their summaries.
 SPANS_INSERT_SQL = (
-    "INSERT OR IGNORE INTO spans SELECT * FROM _batch "
+    f"INSERT OR IGNORE INTO spans SELECT *, {SPAN_KEY_SQL} FROM _batch "  # noqa: S608 - fixed
     "RETURNING trace_id, parent_span_id, name, service, status_code, start_ns, end_ns"
 )
 #: Slow path, second pass, only when the first stored fewer rows than the batch held:
@@ -58,11 +61,11 @@ SPANS_INSERT_SQL = (
 _RANK = "CASE {t}.status_code WHEN 1 THEN 2 WHEN 2 THEN 1 ELSE 0 END"
 SPANS_UPDATE_SQL = f"""
 INSERT INTO spans
-SELECT * FROM _batch
+SELECT *, {SPAN_KEY_SQL} FROM _batch
 QUALIFY row_number() OVER (
     PARTITION BY trace_id, span_id ORDER BY end_ns DESC, {_RANK.format(t="_batch")} DESC
 ) = 1
-ON CONFLICT (trace_id, span_id) DO UPDATE SET
+ON CONFLICT (trace_key, span_key) DO UPDATE SET
     parent_span_id = excluded.parent_span_id, name = excluded.name, service = excluded.service,
     kind = excluded.kind, status_code = excluded.status_code, start_ns = excluded.start_ns,
     end_ns = excluded.end_ns, attributes = excluded.attributes,

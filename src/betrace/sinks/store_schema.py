@@ -1,6 +1,7 @@
 """The tables of a tenant's DuckDB file, and the fixed SQL :mod:`betrace.sinks.duckdb_store` runs on them.
 
-``spans`` is keyed by ``(trace_id, span_id)`` (the upsert's conflict target,
+``spans`` is keyed by ``(trace_id, span_id)``, held as integers in the
+``trace_key`` / ``span_key`` columns (the upsert's conflict target,
 :mod:`betrace.sinks.span_upsert`); ``trace_summaries`` holds append-only
 summary parts that the ``traces`` view merges; ``signals`` records every
 signal once; ``_writer_sessions`` journals each writer open and close.
@@ -23,7 +24,14 @@ TRACES_VIEW_SQL = """SELECT trace_id,
 FROM trace_summaries
 GROUP BY trace_id"""
 
-SCHEMA_SQL = f"""
+#: The span key from the hex ids: a 128- and a 64-bit integer. DuckDB's primary-key index
+#: (an ART) inserts these much faster than the 32- and 16-character strings, and the key
+#: check is most of an append's cost (measured: benchmarks/RESULTS.md, 2026-12-02).
+SPAN_KEY_SQL = "('0x' || trace_id)::UHUGEINT, ('0x' || span_id)::UBIGINT"
+#: The span columns as the sinks write them and the queries read them (the keys excluded).
+SPAN_COLUMNS_SQL = "* EXCLUDE (trace_key, span_key)"
+
+SPANS_TABLE_SQL = """
 CREATE TABLE IF NOT EXISTS spans (
     tenant VARCHAR NOT NULL,
     trace_id VARCHAR NOT NULL,
@@ -38,8 +46,24 @@ CREATE TABLE IF NOT EXISTS spans (
     attributes JSON NOT NULL,
     resource_attributes JSON NOT NULL,
     produced_ms BIGINT NOT NULL,
-    PRIMARY KEY (trace_id, span_id)
+    trace_key UHUGEINT NOT NULL,
+    span_key UBIGINT NOT NULL,
+    PRIMARY KEY (trace_key, span_key)
 );
+"""
+
+#: Files written before the integer key: rebuild ``spans`` once, in one transaction.
+SPANS_REKEY_SQL = f"""
+BEGIN TRANSACTION;
+ALTER TABLE spans RENAME TO _spans_varchar_key;
+{SPANS_TABLE_SQL}
+INSERT INTO spans SELECT *, {SPAN_KEY_SQL} FROM _spans_varchar_key;
+DROP TABLE _spans_varchar_key;
+COMMIT;
+"""  # noqa: S608 - fixed SQL
+
+SCHEMA_SQL = f"""
+{SPANS_TABLE_SQL}
 CREATE TABLE IF NOT EXISTS signals (
     signal_id VARCHAR PRIMARY KEY,
     tenant VARCHAR NOT NULL,

@@ -18,6 +18,7 @@ from betrace.rules.loader import RuleSet
 from betrace.rules.model import Rule
 from betrace.sinks.duckdb_store import SpanStoreSink, TenantStore
 from betrace.sinks.signals import SignalSink
+from betrace.sinks.store_schema import SPAN_COLUMNS_SQL
 from betrace.streams.otlp import OtlpDecoder, Record
 from betrace.workload.generator import TraceGenerator
 from betrace.workload.otlp import batch_messages
@@ -82,7 +83,7 @@ def test_insert_spans_is_idempotent(store: TenantStore, spans: pa.Table) -> None
     assert store.insert_spans("acme", pa.concat_tables([acme.slice(0, 5), acme.slice(0, 5)])) == 0
     assert store.span_counts() == {"acme": (acme.num_rows, acme.num_rows)}
     with store.cursor("acme") as con:
-        stored = con.execute("SELECT * FROM spans ORDER BY trace_id, span_id").fetchall()
+        stored = con.execute(f"SELECT {SPAN_COLUMNS_SQL} FROM spans ORDER BY trace_id, span_id").fetchall()
     expected = sorted(acme.to_pylist(), key=lambda r: (r["trace_id"], r["span_id"]))
     assert [dict(zip(acme.column_names, row, strict=True)) for row in stored] == expected
 
