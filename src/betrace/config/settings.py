@@ -153,6 +153,13 @@ class Settings(BaseSettings):
     store_flush_rows: int = Field(
         200_000, ge=1, description="span rows the DuckDB sink buffers at most before it must flush"
     )
+    store_flush_interval_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="longest time spans wait in the DuckDB sink's buffer; every flush is one "
+        "transaction per tenant, so with many tenants a longer wait means fewer, larger ones",
+    )
     store_checkpoint_mib: int = Field(
         128,
         ge=1,

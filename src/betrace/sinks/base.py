@@ -35,6 +35,7 @@ class BatchingSink(abc.ABC, Generic[T]):
         self.hooks = hooks
         self._batch: list[T] = []
         self._size = 0
+        self._first_added: float | None = None
         self._flush_lock = asyncio.Lock()
 
     def __len__(self) -> int:
@@ -44,11 +45,21 @@ class BatchingSink(abc.ABC, Generic[T]):
     def full(self) -> bool:
         return self._size >= self.max_items
 
+    def due(self, max_age_s: float, max_items: int | None = None) -> bool:
+        """Holding ``max_items`` (default: full), or an item added ``max_age_s`` ago or earlier."""
+        if self._first_added is None:
+            return False
+        if self._size >= (self.max_items if max_items is None else max_items):
+            return True
+        return time.monotonic() - self._first_added >= max_age_s
+
     def add(self, item: T, size: int = 1) -> None:
         """Buffer ``item`` (worth ``size`` rows); raise when the buffer is full."""
         if self.full:
             msg = f"sink {self.step_id} holds {self._size} rows (max {self.max_items}); flush first"
             raise BackpressureError(msg)
+        if self._first_added is None:
+            self._first_added = time.monotonic()
         self._batch.append(item)
         self._size += size
 
@@ -63,7 +74,7 @@ class BatchingSink(abc.ABC, Generic[T]):
             if not self._batch:
                 return
             batch, size = self._batch, self._size
-            self._batch, self._size = [], 0
+            self._batch, self._size, self._first_added = [], 0, None
             started = time.perf_counter()
             await self.write(batch)
             self.hooks.count("betrace_sink_rows_total", size, sink=self.step_id)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from betrace.errors import BackpressureError, SinkError
@@ -112,3 +114,19 @@ def test_one_large_item_may_overshoot_but_blocks_the_next() -> None:
 def test_max_items_must_be_positive(max_items: int) -> None:
     with pytest.raises(ValueError, match="max_items"):
         ListSink(max_items=max_items, hooks=InMemoryHooks())
+
+
+@pytest.mark.asyncio
+async def test_due_by_age_of_the_oldest_item_or_when_full() -> None:
+    """A buffer is due once its first item is old enough; a flush starts the clock again."""
+    sink = ListSink(max_items=3, hooks=InMemoryHooks())
+    assert not sink.due(0.0)  # empty: never due
+    sink.add("a")
+    assert not sink.due(60.0)
+    await asyncio.sleep(0.02)
+    sink.add("b")  # a later item does not restart the clock
+    assert sink.due(0.01)
+    await sink.flush()
+    assert not sink.due(0.0)
+    sink.add("c", size=3)
+    assert sink.due(60.0)  # full

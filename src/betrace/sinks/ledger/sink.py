@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -69,21 +68,13 @@ class LedgerSink(BatchingSink[Transfer]):
         self.flush_items = flush_items
         self.flush_interval_s = flush_interval_s
         self._on_missing_account = on_missing_account
-        self._oldest = 0.0
         self.created = 0
         self.duplicates = 0
 
-    def add(self, item: Transfer, size: int = 1) -> None:
-        if not self._batch:
-            self._oldest = time.monotonic()
-        super().add(item, size)
-
     @property
-    def due(self) -> bool:
+    def flush_due(self) -> bool:
         """True when the buffer must be written now (size or age trigger)."""
-        if not self._batch:
-            return False
-        return len(self) >= self.flush_items or time.monotonic() - self._oldest >= self.flush_interval_s
+        return self.due(self.flush_interval_s, self.flush_items)
 
     async def put(self, transfer: Transfer) -> None:
         """Buffer one transfer; write the buffer as soon as it reaches ``flush_items``."""
@@ -93,7 +84,7 @@ class LedgerSink(BatchingSink[Transfer]):
 
     async def flush_if_due(self) -> None:
         """For a timer (every ``flush_interval_s``): write the buffer once its oldest item is due."""
-        if self.due:
+        if self.flush_due:
             await self.flush()
 
     async def run_timer(self, stop: asyncio.Event) -> None:

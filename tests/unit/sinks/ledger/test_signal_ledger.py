@@ -169,9 +169,9 @@ async def test_sink_flushes_at_128_items(signals: SignalLedger) -> None:
         await sink.put(t)
     assert sizes == [128, 128]
     assert len(sink) == 44
-    assert not sink.due
+    assert not sink.flush_due
     await asyncio.sleep(sink.flush_interval_s)
-    assert sink.due
+    assert sink.flush_due
     await sink.flush_if_due()
     assert sizes == [128, 128, 44]
     assert sink.created == 300
