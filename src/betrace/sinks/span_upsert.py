@@ -48,6 +48,8 @@ SELECT trace_id,
 FROM _new
 GROUP BY trace_id
 """
+#: The fast path's summaries, straight from the batch (registering it twice costs ~0.8 ms).
+SUMMARY_APPEND_BATCH_SQL = SUMMARY_APPEND_SQL.replace("FROM _new", "FROM _batch")
 #: Fast path: every key is new, else a ConstraintException rolls the transaction back.
 SPANS_APPEND_SQL = f"INSERT INTO spans SELECT *, {SPAN_KEY_SQL} FROM _batch"  # noqa: S608 - fixed
 #: Slow path, first pass: store the new keys, return them for their summaries.
@@ -134,9 +136,7 @@ def _append_new(con: duckdb.DuckDBPyConnection, tenant: str, table: pa.Table, st
         con.execute("ROLLBACK")
         raise
     try:
-        con.register("_new", table)  # every row is new: the batch itself, no copy
-        con.execute(SUMMARY_APPEND_SQL, [tenant, stamp(table.num_rows)])
-        con.unregister("_new")
+        con.execute(SUMMARY_APPEND_BATCH_SQL, [tenant, stamp(table.num_rows)])  # every row is new
     except BaseException:
         con.execute("ROLLBACK")
         raise
