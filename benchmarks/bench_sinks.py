@@ -4,9 +4,10 @@ Ledger: signals recorded through ``SignalLedger`` (the worker's path), flushed
 by the 128-item trigger; every ``create_transfers`` request is timed and p50 /
 p99 / max reported, for fresh signals and for a full replay (all ``exists``).
 
-Span store: Arrow batches of ``--batch-rows`` spans appended through
-``TenantStore.insert_spans`` (spans + per-trace summaries in one transaction),
-timed up to and including a final checkpoint of the file.
+Span store: Arrow batches of ``--batch-rows`` spans written through the worker's
+``SpanStoreSink`` (one flush per batch: spans + per-trace summaries in one
+transaction per tenant), timed up to and including a final checkpoint of every
+file. ``--store-tenants N`` deals the traces to N tenant files.
 
     .venv/bin/python benchmarks/bench_sinks.py --signals 50000 --spans 1000000
 """
@@ -29,7 +30,7 @@ import pyarrow as pa  # noqa: E402
 
 from betrace.config import Settings  # noqa: E402
 from betrace.metrics import InMemoryHooks  # noqa: E402
-from betrace.sinks.duckdb_store import DEFAULT_CHECKPOINT_MIB, TenantStore  # noqa: E402
+from betrace.sinks.duckdb_store import DEFAULT_CHECKPOINT_MIB, SpanStoreSink, TenantStore  # noqa: E402
 from betrace.sinks.ledger import EmbeddedLedger, SignalLedger  # noqa: E402
 from betrace.streams.schemas import SPAN_SCHEMA  # noqa: E402
 
@@ -107,7 +108,7 @@ async def bench_ledger(args: argparse.Namespace, workdir: Path) -> None:
     await signals.close()
 
 
-def span_batches(total: int, batch_rows: int) -> list[pa.Table]:
+def span_batches(total: int, batch_rows: int, tenants: int = 1) -> list[pa.Table]:
     rng = random.Random(3)
     batches = []
     services = [f"svc-{i}" for i in range(12)]
@@ -117,7 +118,10 @@ def span_batches(total: int, batch_rows: int) -> list[pa.Table]:
         n = min(batch_rows, total - start)
         trace_ids = [f"{rng.getrandbits(128):032x}" for _ in range(n // 8 + 1)]
         rows = {
-            "tenant": ["bench"] * n,
+            # Traces of 8 spans, dealt round-robin to the tenants (one tenant: "bench").
+            "tenant": ["bench"] * n
+            if tenants == 1
+            else [f"bench-{((start + i) // 8) % tenants}" for i in range(n)],
             "trace_id": [trace_ids[i // 8] for i in range(n)],
             "span_id": [f"{start + i:016x}" for i in range(n)],
             "parent_span_id": [None if i % 8 == 0 else f"{start + i - i % 8:016x}" for i in range(n)],
@@ -135,22 +139,35 @@ def span_batches(total: int, batch_rows: int) -> list[pa.Table]:
     return batches
 
 
+async def through_sink(store: TenantStore, batches: list[pa.Table]) -> int:
+    """As the worker's span sink writes when it is behind: a full buffer, one flush, one
+    transaction per tenant in it."""
+    sink = SpanStoreSink(store, max_rows=max(b.num_rows for b in batches), hooks=InMemoryHooks())
+    for batch in batches:
+        sink.add(batch, size=batch.num_rows)
+        await sink.flush()
+    return sink.stored
+
+
 def bench_store(args: argparse.Namespace, workdir: Path) -> None:
-    batches = span_batches(args.spans, args.batch_rows)
+    batches = span_batches(args.spans, args.batch_rows, args.store_tenants)
     store = TenantStore(workdir / "data", checkpoint_mib=args.checkpoint_mib)
     try:
         started = time.perf_counter()
-        stored = sum(store.insert_spans("bench", b) for b in batches)
+        stored = asyncio.run(through_sink(store, batches))
         appended = time.perf_counter() - started
         # The checkpoint a larger WAL threshold defers is part of the cost: time it too.
-        with store.cursor("bench") as con:
-            con.execute("CHECKPOINT")
+        for tenant in store.tenants():
+            with store.cursor(tenant) as con:
+                con.execute("CHECKPOINT")
         elapsed = time.perf_counter() - started
         print(
-            f"span store: {stored:,} spans in {len(batches)} batches of {args.batch_rows:,} "
-            f"in {elapsed:.2f}s = {stored / elapsed:,.0f} rows/s (spans + trace summaries, "
-            f"final checkpoint {elapsed - appended:.2f}s included)"
+            f"span store: {stored:,} spans of {args.store_tenants} tenant(s) in {len(batches)} "
+            f"batches of {args.batch_rows:,} in {elapsed:.2f}s = {stored / elapsed:,.0f} rows/s "
+            f"(spans + trace summaries, final checkpoint {elapsed - appended:.2f}s included)"
         )
+        if args.store_tenants > 1:
+            return
         started = time.perf_counter()
         again = sum(store.insert_spans("bench", b) for b in batches[: max(1, len(batches) // 4)])
         print(f"span store replay of 1/4: {again} new rows in {time.perf_counter() - started:.2f}s")
@@ -177,6 +194,12 @@ def main() -> None:
         default=FLUSH_ROWS,
         help=f"spans per transaction (default {FLUSH_ROWS:,}: BETRACE_STORE_FLUSH_ROWS, what the sink "
         "writes at once when it is behind)",
+    )
+    parser.add_argument(
+        "--store-tenants",
+        type=int,
+        default=1,
+        help="spread the spans over this many tenant files (each flush: one transaction per tenant)",
     )
     parser.add_argument("--only", choices=("ledger", "store"), default=None)
     parser.add_argument(
