@@ -1,0 +1,50 @@
+"""A partition the group never committed is read from its start after a rebalance."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from betrace.streams.consumer import seek_to_committed_or_beginning
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.asyncio
+async def test_never_committed_partitions_go_back_to_their_start(kafka_brokers: str) -> None:
+    topic, group = f"seek-{uuid.uuid4().hex[:8]}", f"seek-group-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_brokers)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_brokers)
+    await producer.start()
+    try:
+        for i in range(5):
+            for p in (0, 1):
+                await producer.send_and_wait(topic, f"{i}".encode(), partition=p)
+    finally:
+        await producer.stop()
+    never, committed = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_brokers, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign([never, committed])
+        await consumer.commit({committed: 3})
+        # The position a worker has after records fetched while paused were discarded.
+        await consumer.seek_to_end(never, committed)
+        assert await consumer.position(never) == 5
+        # aiokafka's own seek leaves the never-committed partition at its end: 5 records lost.
+        await consumer.seek_to_committed()
+        assert await consumer.position(never) == 5
+        offsets = await seek_to_committed_or_beginning(consumer)
+        assert offsets[committed] == 3 and offsets[never] is None
+        assert await consumer.position(never) == 0
+        assert await consumer.position(committed) == 3
+    finally:
+        await consumer.stop()
