@@ -7,9 +7,8 @@ when the committed offset is above 0. A partition the group never committed
 keeps the fetch position it had, and records prefetched while faust held the
 partition paused for table recovery are discarded: they are never delivered
 (faust-streaming issues #216 and #221). The kill -9 chaos scenario lost the first
-candidate signals of a partition this way. Here, at a worker's first assignment,
-such partitions are sought to their beginning, as ``auto_offset_reset="earliest"``
-promises.
+candidate signals of a partition this way. Here such partitions are sought to
+their beginning, as ``auto_offset_reset="earliest"`` promises.
 """
 
 from __future__ import annotations
@@ -41,19 +40,9 @@ async def seek_to_committed_or_beginning(consumer: Any) -> dict[Any, Any]:
 
 
 class _SeekingThread(AIOKafkaConsumerThread):
-    #: Only the first seek of the process rewinds: a fresh worker has delivered nothing yet,
-    #: so re-reading a never-committed partition repeats only a dead worker's uncommitted
-    #: work. Later rebalances keep faust's seek (rewinding there re-delivered this worker's
-    #: own uncommitted verdicts during a broker restart, and some were published twice).
-    _rewound = False
-
     async def seek_to_committed(self) -> Mapping[TP, int]:
         consumer = self._ensure_consumer()
-        if self._rewound:
-            result: Mapping[TP, int] = await self.call_thread(consumer.seek_to_committed)
-            return result
-        result = await self.call_thread(seek_to_committed_or_beginning, consumer)
-        self._rewound = True
+        result: Mapping[TP, int] = await self.call_thread(seek_to_committed_or_beginning, consumer)
         return result
 
 
