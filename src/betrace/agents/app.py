@@ -44,7 +44,6 @@ from betrace.sinks.ledger import TenantLedgers, open_ledger
 from betrace.sinks.signals import SignalSink
 from betrace.streams.admin import MAX_MESSAGE_BYTES
 from betrace.streams.codecs import dumps, ipc_to_table, loads, table_to_ipc
-from betrace.streams.consumer import install as install_seeking_consumer
 from betrace.streams.otlp import Record
 from betrace.streams.published import published_keys
 from betrace.streams.topics import (
@@ -150,8 +149,6 @@ class Pipeline:
             producer_acks=-1,
             stream_wait_empty=False,
         )
-        # Partitions never committed are read from their start after a rebalance (streams/consumer.py).
-        install_seeking_consumer(self.app)
         self.input_topic = self._topic(topics.input)
         self.spans_topic = self._topic(topics.spans)
         self.traces_topic = self._topic(topics.traces)
