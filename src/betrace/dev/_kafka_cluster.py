@@ -650,6 +650,13 @@ class LocalKafka:
                 return False
         return True
 
+    def _died_silently(self, node_id: int) -> bool:
+        """True if the node's last launch left no output after its banner."""
+        if read_tail(self.log_file(node_id), 1):
+            return False
+        out = read_tail(self._out_file(node_id), 200) or ""
+        return not out.rpartition("=== ")[2].partition("\n")[2].strip()
+
     def _wait_ready(
         self,
         node_ids: Sequence[int],
@@ -659,13 +666,22 @@ class LocalKafka:
     ) -> None:
         expected = set(self.node_ids)
         pending = list(node_ids)
+        relaunched: set[int] = set()
         last_problem = "not probed yet"
         while True:
             for node_id in list(pending):
                 if self._running_pid(node_id) is None:
-                    raise KafkaDevError(
-                        f"Kafka node {node_id} exited during startup.\n" + self.log_tail(node_id)
-                    )
+                    tail = self.log_tail(node_id)
+                    if node_id in relaunched or not self._died_silently(node_id):
+                        msg = f"Kafka node {node_id} exited during startup.\n{tail}"
+                        raise KafkaDevError(msg)
+                    # A JVM that dies before printing a line was killed from
+                    # outside (e.g. by the OOM killer on a busy host); a
+                    # configuration error always leaves output. One retry.
+                    logger.warning("Kafka node %d died silently during startup; relaunching once", node_id)
+                    relaunched.add(node_id)
+                    self._launch(node_id)
+                    continue
                 port = self.node_port(node_id)
                 try:
                     md = fetch_metadata(self.host, port, timeout=2.0)

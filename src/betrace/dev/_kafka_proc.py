@@ -126,6 +126,10 @@ def is_kafka_process(pid: int, props: Path) -> bool:
         return KAFKA_MAIN in out and str(props) in out
     except OSError:
         return True
+    if not args:
+        # Empty while the process is between fork and exec (or exiting):
+        # not evidence of pid reuse, so the JVM is not declared dead.
+        return True
     return KAFKA_MAIN in args and str(props) in args
 
 

@@ -8,7 +8,11 @@ with the project (``<repo>/.cache/kafka``) so the jars are downloaded once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -192,3 +196,35 @@ def test_three_node_quorum_survives_stop_kill_and_restart(kafka3: LocalKafka) ->
     )
     assert value == b"one"
     assert committed == 1
+
+
+def test_a_node_killed_silently_during_startup_is_relaunched_once(tmp_path: Path) -> None:
+    """A JVM SIGKILLed before it prints anything (as the OOM killer does on a
+    busy CI host) is relaunched once instead of failing the whole ``up``."""
+    local = LocalKafka(tmp_path, port=PORT, cache_dir=JAR_CACHE)
+    pid_file = tmp_path / ".dev" / "kafka" / "node-1" / "kafka.pid"
+    killed: list[int] = []
+
+    def kill_first_jvm() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pid_file.read_text().strip())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.002)
+
+    killer = threading.Thread(target=kill_first_jvm, daemon=True)
+    killer.start()
+    try:
+        local.up(timeout=120)
+        killer.join(timeout=5)
+        assert len(killed) == 1
+        (status,) = local.status()
+        assert status.running
+        assert status.pid != killed[0]
+        out = (tmp_path / ".dev" / "kafka" / "node-1" / "kafka.out").read_text()
+        assert out.count(" starting: ") == 2
+    finally:
+        local.down(clean=True)
