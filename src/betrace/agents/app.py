@@ -58,6 +58,7 @@ from betrace.streams.topics import (
     tenant_partition,
     verdicts_topic,
 )
+from betrace.streams.transport import install as install_transport
 
 if TYPE_CHECKING:
     from betrace.cache.tier import CacheTier
@@ -149,6 +150,8 @@ class Pipeline:
             producer_acks=-1,
             stream_wait_empty=False,
         )
+        # No skipped never-committed partitions, no duplicates from producer retries (streams/transport.py).
+        install_transport(self.app)
         self.input_topic = self._topic(topics.input)
         self.spans_topic = self._topic(topics.spans)
         self.traces_topic = self._topic(topics.traces)
