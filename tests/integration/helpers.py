@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from betrace.config import Settings
 from betrace.dev.worker import WorkerProcess
@@ -18,6 +19,16 @@ from betrace.sinks.duckdb_store import TenantStore
 from betrace.streams.lag import group_lag
 from betrace.workload.otlp import OtlpMessage
 from betrace.workload.producer import produce
+
+
+async def create_topic(brokers: str, topic: str, partitions: int = 1) -> None:
+    """Create ``topic`` (the test brokers do not auto-create topics)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=brokers)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    finally:
+        await admin.close()
 
 
 def read_topic(cfg: Settings, topic: str, *, settle_s: float = 1.5) -> list[Any]:

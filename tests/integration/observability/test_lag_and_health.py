@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import OffsetAndMetadata
 from typer.testing import CliRunner
 
@@ -26,18 +25,14 @@ from betrace.streams.lag import group_lag
 from betrace.workload.generator import TraceGenerator
 from betrace.workload.otlp import batch_messages
 from betrace.workload.producer import produce
+from tests.integration.helpers import create_topic
 
 
 def _prepare_group(brokers: str, topic: str, group: str) -> None:
     """Three partitions: one fully consumed, one half, one never committed."""
 
     async def run() -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=brokers)
-        await admin.start()
-        try:
-            await admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])
-        finally:
-            await admin.close()
+        await create_topic(brokers, topic, partitions=3)
         producer = AIOKafkaProducer(bootstrap_servers=brokers)
         await producer.start()
         try:

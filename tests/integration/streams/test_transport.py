@@ -8,7 +8,6 @@ import uuid
 import faust
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from betrace.streams.transport import (
     IdempotentProducer,
@@ -16,6 +15,7 @@ from betrace.streams.transport import (
     install,
     seek_to_committed_or_beginning,
 )
+from tests.integration.helpers import create_topic
 
 pytestmark = pytest.mark.integration
 
@@ -23,12 +23,7 @@ pytestmark = pytest.mark.integration
 @pytest.mark.asyncio
 async def test_never_committed_partitions_go_back_to_their_start(kafka_brokers: str) -> None:
     topic, group = f"seek-{uuid.uuid4().hex[:8]}", f"seek-group-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_brokers)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])
-    finally:
-        await admin.close()
+    await create_topic(kafka_brokers, topic, partitions=2)
     producer = AIOKafkaProducer(bootstrap_servers=kafka_brokers)
     await producer.start()
     try:
@@ -65,12 +60,7 @@ async def test_the_app_producer_is_idempotent_on_a_real_broker(kafka_brokers: st
     producer = app.producer
     assert isinstance(producer, IdempotentProducer)
     topic = f"transport-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_brokers)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
+    await create_topic(kafka_brokers, topic)
     client = producer._new_producer()
     await client.start()
     try:
