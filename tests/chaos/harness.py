@@ -420,7 +420,7 @@ class ChaosRun:
                     if self._settled():
                         break
                 if time.monotonic() > deadline:
-                    tail = self.worker.log_tail() if self.worker else ""
+                    tail = f"{self.worker.log_tail()}\n{self.worker.dump_state()}" if self.worker else ""
                     msg = f"{self.scenario}: pipeline did not drain in {timeout_s:.0f}s:\n{tail}"
                     raise AssertionError(msg)
                 time.sleep(SAMPLE_S)

@@ -81,7 +81,11 @@ def wait_until_drained(
         if lags and all(lag.committed is not None and lag.lag == 0 for lag in lags if lag.end > 0):
             return
         time.sleep(0.5)
-    pytest.fail(f"pipeline did not drain in {timeout_s}s:\n{worker.log_tail()}")
+    behind = [f"{g.topic}[{g.partition}] committed {g.committed} end {g.end}" for g in lags if g.lag]
+    pytest.fail(
+        f"pipeline did not drain in {timeout_s}s; behind: {behind}\n"
+        f"{worker.log_tail()}\n{worker.dump_state()}"
+    )
 
 
 def run_worker_over(cfg: Settings, log: Path, messages: list[OtlpMessage]) -> None:

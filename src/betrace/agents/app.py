@@ -20,6 +20,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any, cast
 
 import faust
@@ -482,6 +483,18 @@ class Pipeline:
         await self.span_sink.flush()
         for event in held:
             event.ack()
+
+    def held(self) -> dict[str, object]:
+        """What this worker holds unacknowledged, per place (for the SIGUSR1 state dump)."""
+        return {
+            "assembly held messages": len(self._held),
+            "assembly held per partition": dict(sorted(Counter(self._held_partition.values()).items())),
+            "span sink rows": len(self.span_sink),
+            "span sink held messages": len(self._store_held),
+            "signal sink items": len(self.signal_sink),
+            "integrity sink items": len(self.integrity),
+            "owned store partitions": sorted(self.store.owned_partitions),
+        }
 
     async def flush_spans_if_due(self) -> None:
         """Timer: a quiet tenant's spans are stored within ``store_flush_interval_s`` too."""

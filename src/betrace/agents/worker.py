@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import faust
 
@@ -19,6 +20,7 @@ from betrace.cache.rules import RuleSetCache
 from betrace.cache.traces import TraceMetaCache
 from betrace.config import Settings
 from betrace.ingestion.worker import worker_run
+from betrace.observability.diagnostics import dump_safely
 from betrace.observability.health import (
     HealthChecks,
     assignment_check,
@@ -176,6 +178,17 @@ def _retention(
     return run
 
 
+class _Worker(faust.Worker):
+    """faust's worker; SIGUSR1 logs where messages are held instead of every thread's stack."""
+
+    def __init__(self, pipeline: Pipeline, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pipeline = pipeline
+
+    def _on_sigusr1(self) -> None:
+        dump_safely(self._pipeline.app, self._pipeline.held)
+
+
 def run_worker(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT. Bad rules or an unreachable broker fail before start."""
     pipeline, rules, _, _ = build_worker(settings)
@@ -194,7 +207,8 @@ def run_worker(settings: Settings) -> None:
         f"http://{settings.web_bind}:{settings.web_port}" if settings.web_port else "off",
     )
     tune_gc()
-    worker = faust.Worker(
+    worker = _Worker(
+        pipeline,
         pipeline.app,
         loglevel=settings.log_level.lower(),
         quiet=True,

@@ -74,6 +74,25 @@ class WorkerProcess:
             time.sleep(0.2)
         return False
 
+    def dump_state(self, wait_s: float = 2.0) -> str:
+        """SIGUSR1: the worker logs where its messages are held; that part of its log."""
+        if not self.alive or self.proc is None:
+            return ""
+        start = self.log_file.stat().st_size if self.log_file.exists() else 0
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            with self.log_file.open("rb") as f:
+                f.seek(start)
+                text = f.read().decode(errors="replace")
+            if "tasks:" in text:
+                time.sleep(0.2)  # the task lines follow in the same record
+                with self.log_file.open("rb") as f:
+                    f.seek(start)
+                    return f.read().decode(errors="replace")
+            time.sleep(0.1)
+        return text
+
     def log_tail(self, lines: int = 30) -> str:
         if not self.log_file.exists():
             return ""

@@ -60,6 +60,12 @@ def test_ingest_and_downstream_in_separate_processes(pipeline_settings: Settings
     try:
         wait_until_drained(cfg.model_copy(update={"stages": "ingest"}), ingest, topics=[cfg.topics.input])
         wait_until_drained(cfg, downstream, topics=[cfg.topics.spans, cfg.topics.traces])
+        # SIGUSR1 logs where messages are held; drained, nothing is, and the worker runs on.
+        state = downstream.dump_state()
+        assert f"{cfg.topics.spans}[0]: read " in state, state
+        assert "span sink held messages: 0" in state, state
+        assert "task " in state, state
+        assert downstream.alive
     finally:
         assert ingest.stop() == 0, ingest.log_tail()
         assert downstream.stop() == 0, downstream.log_tail()
