@@ -446,8 +446,8 @@ class ChaosRun:
 
     # ------------------------------------------------------------------ checks
 
-    def read_topic(self, topic: str, settle_s: float = 1.5) -> list[Any]:
-        return read_topic(self.cfg, topic, settle_s=settle_s)
+    def read_topic(self, topic: str) -> list[Any]:
+        return read_topic(self.cfg, topic)
 
     def _ledger_counts(self, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
         """Per-rule counters, read from each tenant's ledger (as ``betrace signals count`` does)."""

@@ -16,6 +16,7 @@ from betrace.config import Settings
 from betrace.dev.worker import WorkerProcess
 from betrace.errors import BrokerError
 from betrace.sinks.duckdb_store import TenantStore
+from betrace.streams.admin import topic_partitions
 from betrace.streams.lag import group_lag
 from betrace.workload.otlp import OtlpMessage
 from betrace.workload.producer import produce
@@ -31,20 +32,35 @@ async def create_topic(brokers: str, topic: str, partitions: int = 1) -> None:
         await admin.close()
 
 
-def read_topic(cfg: Settings, topic: str, *, settle_s: float = 1.5) -> list[Any]:
-    """Every record currently in ``topic``."""
+def read_topic(cfg: Settings, topic: str, *, timeout_s: float = 60.0) -> list[Any]:
+    """Every record currently in ``topic``: read up to the end offsets taken at the start.
+
+    Stopping after a quiet spell instead would miss a partition whose first fetch
+    is slow (a loaded machine), and report its records as lost.
+    """
 
     async def run() -> list[Any]:
-        consumer = AIOKafkaConsumer(topic, bootstrap_servers=cfg.brokers, auto_offset_reset="earliest")
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=cfg.brokers, enable_auto_commit=False, auto_offset_reset="earliest"
+        )
         await consumer.start()
         records: list[Any] = []
         try:
-            idle_since = time.monotonic()
-            while time.monotonic() - idle_since < settle_s:
-                batch = await consumer.getmany(timeout_ms=300)
+            parts = await topic_partitions(cfg.brokers, topic)
+            if not parts:
+                return records
+            consumer.assign(parts)
+            ends = await consumer.end_offsets(parts)
+            todo = [tp for tp in parts if ends[tp] > 0]
+            deadline = time.monotonic() + timeout_s
+            while todo:
+                if time.monotonic() > deadline:
+                    msg = f"{topic}: not read to its end offsets {ends} in {timeout_s}s"
+                    raise AssertionError(msg)
+                batch = await consumer.getmany(*todo, timeout_ms=300)
                 for recs in batch.values():
                     records.extend(recs)
-                    idle_since = time.monotonic()
+                todo = [tp for tp in todo if await consumer.position(tp) < ends[tp]]
         finally:
             await consumer.stop()
         return records

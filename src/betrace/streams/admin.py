@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
@@ -70,3 +71,14 @@ async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str], timeo
             msg = f"topics {', '.join(topics)} have no leader after {timeout_s:.0f}s"
             raise BrokerError(msg)
         await asyncio.sleep(0.1)
+
+
+async def topic_partitions(brokers: str, topic: str) -> list[TopicPartition]:
+    """Every partition of ``topic`` (none when it does not exist)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=brokers)
+    try:
+        await admin.start()
+        [described] = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    return [TopicPartition(topic, p["partition"]) for p in described.get("partitions") or []]

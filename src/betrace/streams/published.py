@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
 from betrace.errors import BrokerError
+from betrace.streams.admin import topic_partitions
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +39,8 @@ async def published_keys(
         raise BrokerError(msg) from None
 
 
-async def _partitions(brokers: str, topic: str) -> list[TopicPartition]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=brokers)
-    try:
-        await admin.start()
-        [described] = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    return [TopicPartition(topic, p["partition"]) for p in described.get("partitions") or []]
-
-
 async def _scan(brokers: str, topic: str, keys: set[bytes], since_ms: int) -> set[bytes]:
-    parts = await _partitions(brokers, topic)
+    parts = await topic_partitions(brokers, topic)
     if not parts:
         return set()
     consumer = AIOKafkaConsumer(

@@ -98,7 +98,7 @@ def test_single_document_and_strict_mode(pipeline_settings: Settings, tmp_path: 
     doc.write_bytes(orjson.dumps(orjson.loads(lines[0]), option=orjson.OPT_INDENT_2))
     result = invoke(cfg, "import", str(doc), "--tenant", "globex")
     assert result.exit_code == 0, result.output
-    records = read_topic(cfg, cfg.topics.input, settle_s=1.0)
+    records = read_topic(cfg, cfg.topics.input)
     assert len(records) == 1
     assert (cfg.tenant_header, b"globex") in list(records[0].headers)
 
