@@ -265,8 +265,15 @@ class Pipeline:
             async def run(stream: Any) -> None:
                 async for events in stream.take_events(batch, within=wait):
                     self.hooks.observe("betrace_batch_size", len(events), stage=name.removeprefix("betrace."))
-                    # Side effects complete before take_events acks the batch.
+                    # take_events acks a batch in a ``finally``: also when the handler raised
+                    # or was cancelled (a shutdown mid-write), and the offsets would then be
+                    # committed for work never done. A reference of ours, dropped only once
+                    # the handler returned, keeps such a batch unacknowledged: replayed.
+                    for event in events:
+                        event.message.incref()
                     await handle(events)
+                    for event in events:
+                        event.ack()
 
             self.app.agent(topic, name=name)(run)
 
@@ -454,7 +461,15 @@ class Pipeline:
         is safe, their offsets are not committed here, the new owner reads them.
         """
         owned = self.store.owned_partitions
-        kept = [e for e in events if e.message.partition in owned]
+        kept = []
+        for event in events:
+            if event.message.partition in owned:
+                kept.append(event)
+            else:
+                # Never acknowledged here: at shutdown (every tenant released) or between a
+                # revocation and the next assignment faust still counts the partition as
+                # ours and would commit past it, losing it for the next owner too.
+                event.message.incref()
         if len(kept) < len(events):
             logger.info("store: skipped %d events of partitions now owned elsewhere", len(events) - len(kept))
         return kept
