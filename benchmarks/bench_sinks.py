@@ -5,9 +5,11 @@ by the 128-item trigger; every ``create_transfers`` request is timed and p50 /
 p99 / max reported, for fresh signals and for a full replay (all ``exists``).
 
 Span store: Arrow batches of ``--batch-rows`` spans written through the worker's
-``SpanStoreSink`` (one flush per batch: spans + per-trace summaries in one
-transaction per tenant), timed up to and including a final checkpoint of every
-file. ``--store-tenants N`` deals the traces to N tenant files.
+``SpanStoreSink`` as the worker does when behind: a full buffer (``--flush-rows``)
+writes each tenant's whole DuckDB row groups and keeps the rest (``--no-align``:
+writes everything), spans + per-trace summaries in one transaction per tenant;
+timed up to and including a final checkpoint of every file. ``--store-tenants N``
+deals the traces to N tenant files.
 
     .venv/bin/python benchmarks/bench_sinks.py --signals 50000 --spans 1000000
 """
@@ -139,13 +141,15 @@ def span_batches(total: int, batch_rows: int, tenants: int = 1) -> list[pa.Table
     return batches
 
 
-async def through_sink(store: TenantStore, batches: list[pa.Table]) -> int:
-    """As the worker's span sink writes when it is behind: a full buffer, one flush, one
-    transaction per tenant in it."""
-    sink = SpanStoreSink(store, max_rows=max(b.num_rows for b in batches), hooks=InMemoryHooks())
+async def through_sink(store: TenantStore, batches: list[pa.Table], flush_rows: int, *, align: bool) -> int:
+    """As the worker's span sink writes when it is behind: batches arrive, a full buffer is
+    flushed (``align``: each tenant's whole row groups, the rest kept), then a final flush."""
+    sink = SpanStoreSink(store, max_rows=flush_rows, hooks=InMemoryHooks())
     for batch in batches:
+        if sink.full:
+            await (sink.flush_aligned() if align else sink.flush())
         sink.add(batch, size=batch.num_rows)
-        await sink.flush()
+    await sink.flush()
     return sink.stored
 
 
@@ -154,7 +158,7 @@ def bench_store(args: argparse.Namespace, workdir: Path) -> None:
     store = TenantStore(workdir / "data", checkpoint_mib=args.checkpoint_mib)
     try:
         started = time.perf_counter()
-        stored = asyncio.run(through_sink(store, batches))
+        stored = asyncio.run(through_sink(store, batches, args.flush_rows, align=not args.no_align))
         appended = time.perf_counter() - started
         # The checkpoint a larger WAL threshold defers is part of the cost: time it too.
         for tenant in store.tenants():
@@ -163,7 +167,9 @@ def bench_store(args: argparse.Namespace, workdir: Path) -> None:
         elapsed = time.perf_counter() - started
         print(
             f"span store: {stored:,} spans of {args.store_tenants} tenant(s) in {len(batches)} "
-            f"batches of {args.batch_rows:,} in {elapsed:.2f}s = {stored / elapsed:,.0f} rows/s "
+            f"batches of {args.batch_rows:,}, flushed at {args.flush_rows:,} rows "
+            f"({'whole row groups' if not args.no_align else 'everything'}) "
+            f"in {elapsed:.2f}s = {stored / elapsed:,.0f} rows/s "
             f"(spans + trace summaries, final checkpoint {elapsed - appended:.2f}s included)"
         )
         if args.store_tenants > 1:
@@ -189,11 +195,18 @@ def main() -> None:
     parser.add_argument("--rules", type=int, default=5)
     parser.add_argument("--spans", type=int, default=1_000_000)
     parser.add_argument(
-        "--batch-rows",
+        "--batch-rows", type=int, default=10_000, help="spans per arriving Arrow batch (default 10,000)"
+    )
+    parser.add_argument(
+        "--flush-rows",
         type=int,
         default=FLUSH_ROWS,
-        help=f"spans per transaction (default {FLUSH_ROWS:,}: BETRACE_STORE_FLUSH_ROWS, what the sink "
-        "writes at once when it is behind)",
+        help=f"rows the sink buffers before it must flush (default {FLUSH_ROWS:,}: BETRACE_STORE_FLUSH_ROWS)",
+    )
+    parser.add_argument(
+        "--no-align",
+        action="store_true",
+        help="flush the whole buffer when full, not each tenant's whole row groups (for comparison)",
     )
     parser.add_argument(
         "--store-tenants",

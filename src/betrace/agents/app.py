@@ -40,6 +40,7 @@ from betrace.metrics import InMemoryHooks, StageHooks
 from betrace.resilience.breakers import RULES, BreakerRegistry
 from betrace.resilience.wiring import Resilience
 from betrace.rules.loader import RuleSource
+from betrace.sinks.base import RowWatermarks
 from betrace.sinks.duckdb_store import SpanStoreSink, TenantStore
 from betrace.sinks.ledger import TenantLedgers, open_ledger
 from betrace.sinks.signals import SignalSink
@@ -57,6 +58,7 @@ from betrace.streams.topics import (
     partition_column,
     split_by_tenant,
     tenant_partition,
+    tenant_rows,
     verdicts_topic,
 )
 from betrace.streams.transport import install as install_transport
@@ -200,7 +202,7 @@ class Pipeline:
         self._spans_lock = asyncio.Lock()
         self._signals_lock = asyncio.Lock()
         #: betrace.store events whose spans wait in the span sink: acknowledged once stored.
-        self._store_held: list[Any] = []
+        self._store_held: RowWatermarks[Any] = RowWatermarks()
         self.span_sink = SpanStoreSink(self.store, max_rows=settings.store_flush_rows, hooks=self.hooks)
         integrity = settings.integrity
         self.integrity = IntegritySink(
@@ -485,18 +487,28 @@ class Pipeline:
         async with self._spans_lock:
             for event, table in _tables(self._owned_events(events), "span store"):
                 if self.span_sink.full:
-                    await self._flush_spans()
+                    await self._flush_spans(aligned=True)
                 event.message.incref()
-                self._store_held.append(event)
+                self._store_held.hold(event, tenant_rows(table))
                 self.span_sink.add(table, size=table.num_rows)
             if self.span_sink.due(self.settings.store_flush_interval_s):
-                await self._flush_spans()
+                await self._flush_spans(aligned=self.span_sink.full)
 
-    async def _flush_spans(self) -> None:
-        """Flush the span sink, then acknowledge the events it held (not on failure: replayed)."""
-        held, self._store_held = self._store_held, []
-        await self.span_sink.flush()
-        for event in held:
+    async def _flush_spans(self, *, aligned: bool = False) -> None:
+        """Flush the span sink, then acknowledge the events whose spans are all stored (not on
+        failure: replayed). ``aligned`` (when full, i.e. behind): write each tenant's whole
+        row groups only, which DuckDB appends far faster; the rest waits for the next flush."""
+        held = self._store_held
+        try:
+            if aligned:
+                done = held.written(await self.span_sink.flush_aligned())
+            else:
+                await self.span_sink.flush()
+                done = held.written_all()
+        except BaseException:
+            held.forget()
+            raise
+        for event in done:
             event.ack()
 
     def held(self) -> dict[str, object]:
@@ -519,7 +531,7 @@ class Pipeline:
             if not self.span_sink.due(self.settings.store_flush_interval_s):
                 return
             try:
-                await self._flush_spans()
+                await self._flush_spans(aligned=self.span_sink.full)
             except Exception:  # their offsets stay uncommitted: replayed after a restart
                 logger.exception("store: flushing buffered spans failed")
 

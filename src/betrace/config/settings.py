@@ -151,7 +151,10 @@ class Settings(BaseSettings):
     batch_max_messages: int = Field(500, ge=1, le=100_000, description="records per stage batch")
     batch_max_wait_s: float = Field(0.05, gt=0, le=10, description="max wait to fill a batch")
     store_flush_rows: int = Field(
-        200_000, ge=1, description="span rows the DuckDB sink buffers at most before it must flush"
+        250_000,
+        ge=1,
+        description="span rows the DuckDB sink buffers at most before it must flush; a full buffer "
+        "writes each tenant's whole DuckDB row groups (122,880 rows) and keeps the rest",
     )
     store_flush_interval_s: float = Field(
         1.0,

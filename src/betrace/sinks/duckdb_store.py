@@ -91,6 +91,9 @@ __all__ = [
 DAY_S = 86_400.0
 #: WAL size that triggers a checkpoint of a tenant file (DuckDB's default is 16 MB).
 DEFAULT_CHECKPOINT_MIB = 128
+#: DuckDB's row group. A transaction of whole groups appends 1.4-1.8x faster than one that
+#: ends in (or must first fill) a partial group (benchmarks/RESULTS.md, 2026-12-02).
+ROW_GROUP_ROWS = 122_880
 
 
 def _barrier() -> None:
@@ -610,6 +613,9 @@ class SpanStoreSink(BatchingSink[pa.Table]):
         self.stored = 0
         self.updated = 0
 
+    #: What :meth:`flush_aligned` writes whole; DuckDB's row group (tests use smaller ones).
+    row_group_rows: int = ROW_GROUP_ROWS
+
     #: Set by :func:`betrace.resilience.wiring.guard_sinks`: the ``duckdb`` breaker around
     #: every store write, and the spool that takes the writes the store cannot make.
     breaker: Breaker | None = None
@@ -630,7 +636,38 @@ class SpanStoreSink(BatchingSink[pa.Table]):
         self.stored += inserted
         self.updated += updated
 
+    async def flush_aligned(self) -> dict[str, int]:
+        """Write each tenant's whole row groups and keep the rest buffered; the rows written,
+        per tenant. A tenant with less than one group buffered is written whole: its
+        transaction ends in a partial group either way, and holding it back could delay
+        it without bound behind a busy tenant that keeps the sink full.
+
+        What stays (under one group per tenant) goes first in the next flush and keeps
+        its age, so the interval flush writes it in time. A failed write drops it too,
+        as :meth:`flush` drops its batch; Kafka replays both.
+        """
+        async with self._flush_lock:
+            if not self._batch:
+                return {}
+            parts = split_by_tenant(pa.concat_tables(self._batch))
+            group = self.row_group_rows
+            whole = {t: p.num_rows if p.num_rows < group else p.num_rows // group * group for t, p in parts}
+            rows = sum(whole.values())
+            head = [part.slice(0, whole[tenant]) for tenant, part in parts]
+            rest = [part.slice(whole[tenant]) for tenant, part in parts if part.num_rows > whole[tenant]]
+            self._batch, self._size = rest, self._size - rows
+            if not rest:
+                self._first_added = None
+            try:
+                await self._write_counted(head, rows)
+            except BaseException:
+                self._batch, self._size, self._first_added = [], 0, None
+                raise
+            return whole
+
     def _write_sync(self, batch: list[pa.Table]) -> tuple[int, int]:
         table = pa.concat_tables(batch)
-        results = [self.store.upsert_spans(t, part) for t, part in split_by_tenant(table)]
+        # One chunk per tenant: DuckDB inserts the chunks of a multi-chunk table in
+        # parallel, and each thread leaves a partial row group behind.
+        results = [self.store.upsert_spans(t, part.combine_chunks()) for t, part in split_by_tenant(table)]
         return sum(r.inserted for r in results), sum(r.updated for r in results)

@@ -97,6 +97,11 @@ def split_by_partition(table: pa.Table, partitions: int) -> list[tuple[int, pa.T
     return [(p, table.filter(pc.equal(parts, p))) for p in pc.unique(parts).to_pylist()]
 
 
+def tenant_rows(table: pa.Table) -> dict[str, int]:
+    """Rows per tenant."""
+    return {str(d["values"]): int(d["counts"]) for d in pc.value_counts(table.column("tenant")).to_pylist()}
+
+
 def split_by_tenant(table: pa.Table) -> list[tuple[str, pa.Table]]:
     """One table per tenant: rules and storage are isolated per tenant."""
     tenants = table.column("tenant")
