@@ -2,36 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from tests.spans import generated_spans
 
 from betrace.agents.ingest import DedupeCache, IngestStage
 from betrace.config import load_settings
 from betrace.errors import SinkError
 from betrace.metrics import InMemoryHooks
 from betrace.sinks.duckdb_store import TenantStore
-from betrace.streams.otlp import OtlpDecoder, Record
-from betrace.workload.generator import TraceGenerator
-from betrace.workload.otlp import batch_messages
 
 
 @pytest.fixture(scope="module")
 def spans() -> pa.Table:
-    generator = TraceGenerator(tenants=("acme",), violation_rate=0.3, seed=11)
-    records = [Record(m.value) for m in batch_messages(generator.traces(400), spans_per_message=100)]
-    return OtlpDecoder(encoding="otlp_proto", tenant_header="h", default_tenant="x").decode(records).spans
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[TenantStore]:
-    store = TenantStore(tmp_path / "data")
-    yield store
-    store.close()
+    return generated_spans(("acme",), 400, seed=11)
 
 
 def with_values(table: pa.Table, row: int, **values: Any) -> pa.Table:

@@ -4,7 +4,6 @@ release the Kafka events of rows once all of them are stored, against real DuckD
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import pyarrow.compute as pc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.spans import generated_spans
 
 from betrace.agents.app import build_pipeline
 from betrace.config import load_settings
@@ -21,10 +21,7 @@ from betrace.rules.loader import RuleSet
 from betrace.sinks.base import RowWatermarks
 from betrace.sinks.duckdb_store import ROW_GROUP_ROWS, SpanStoreSink, TenantStore
 from betrace.streams.codecs import table_to_ipc
-from betrace.streams.otlp import OtlpDecoder, Record
 from betrace.streams.topics import tenant_rows
-from betrace.workload.generator import TraceGenerator
-from betrace.workload.otlp import batch_messages
 
 GROUP = 256
 KEYS = st.sampled_from("abc")
@@ -33,17 +30,8 @@ Op = tuple[str, dict[str, int]]
 
 @pytest.fixture(scope="module")
 def spans() -> pa.Table:
-    """Real generated spans of three tenants, decoded from OTLP protobuf."""
-    generator = TraceGenerator(tenants=("default", "acme", "initech"), violation_rate=0.3, seed=4)
-    records = [Record(m.value) for m in batch_messages(generator.traces(3_000), spans_per_message=50)]
-    return OtlpDecoder(encoding="otlp_proto", tenant_header="h", default_tenant="x").decode(records).spans
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[TenantStore]:
-    store = TenantStore(tmp_path / "data")
-    yield store
-    store.close()
+    """Real generated spans, decoded from OTLP protobuf."""
+    return generated_spans(("default", "acme", "initech"), 3_000, seed=4, spans_per_message=50)
 
 
 def stored_ids(store: TenantStore, tenant: str) -> list[str]:

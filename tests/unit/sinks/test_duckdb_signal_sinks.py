@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from tests.spans import generated_spans
 
 from betrace.agents.evaluate import EvaluateStage
 from betrace.errors import SinkError
@@ -19,24 +19,12 @@ from betrace.rules.model import Rule
 from betrace.sinks.duckdb_store import SpanStoreSink, TenantStore
 from betrace.sinks.signals import SignalSink
 from betrace.sinks.store_schema import SPAN_COLUMNS_SQL
-from betrace.streams.otlp import OtlpDecoder, Record
-from betrace.workload.generator import TraceGenerator
-from betrace.workload.otlp import batch_messages
 
 
 @pytest.fixture(scope="module")
 def spans() -> pa.Table:
-    """Real generated spans of two tenants, decoded from OTLP protobuf."""
-    generator = TraceGenerator(tenants=("default", "acme"), violation_rate=0.3, seed=9)
-    records = [Record(m.value) for m in batch_messages(generator.traces(500), spans_per_message=100)]
-    return OtlpDecoder(encoding="otlp_proto", tenant_header="h", default_tenant="x").decode(records).spans
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[TenantStore]:
-    store = TenantStore(tmp_path / "data")
-    yield store
-    store.close()
+    """Real generated spans, decoded from OTLP protobuf."""
+    return generated_spans(("default", "acme"), 500, seed=9)
 
 
 def only(table: pa.Table, tenant: str) -> pa.Table:
