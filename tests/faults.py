@@ -42,6 +42,21 @@ def _chattr(flag: str, paths: list[Path]) -> None:
         subprocess.run(["chattr", flag, *map(str, paths)], check=True, capture_output=True)
 
 
+def _chattr_each(flag: str, paths: list[Path]) -> list[Path]:
+    """``chattr`` every path that still exists; the ones changed. A file may vanish between
+    listing and change (DuckDB removes a checkpointed ``.wal``): it needs no protection."""
+    changed = []
+    for path in paths:
+        try:
+            _chattr(flag, [path])
+        except subprocess.CalledProcessError:
+            if path.exists():
+                raise
+            continue
+        changed.append(path)
+    return changed
+
+
 def immutable_supported(where: Path | None = None) -> bool:
     """Whether ``chattr +i`` works (as root) on the filesystem of ``where``."""
     if os.geteuid() != 0 or shutil.which("chattr") is None:
@@ -86,11 +101,11 @@ def read_only_paths(targets: list[Path]) -> Iterator[None]:
         if not immutable_supported(path if path.is_dir() else path.parent):
             msg = f"cannot make {path} read-only as root: chattr +i is not supported there"
             raise RuntimeError(msg)
-        _chattr("+i", targets)
+        changed = _chattr_each("+i", targets)
         try:
             yield
         finally:
-            _chattr("-i", targets)
+            _chattr_each("-i", changed)
         return
     modes = {p: stat.S_IMODE(p.stat().st_mode) for p in targets}
     for p in targets:

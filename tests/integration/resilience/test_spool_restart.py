@@ -1,4 +1,5 @@
-"""A small spool fills during a read-only fault: partitions pause; kill -9; the next worker replays.
+"""A small spool fills during a read-only fault: partitions pause; kill -9 or SIGTERM; the next
+worker replays.
 
 Proves three properties through real worker processes and the real broker:
 backpressure pauses consumption instead of growing the spool past its bound,
@@ -32,9 +33,12 @@ def spooled_items(root: Path) -> int:
     return sum(1 for _ in root.rglob("seg-*.spool"))
 
 
-def test_full_spool_pauses_then_survives_kill9_and_replays(
-    pipeline_settings: Settings, tmp_path: Path
+@pytest.mark.parametrize("stop", ["kill", "term"])
+def test_full_spool_pauses_then_survives_a_stop_and_replays(
+    pipeline_settings: Settings, tmp_path: Path, stop: str
 ) -> None:
+    """``kill``: SIGKILL. ``term``: SIGTERM while a sink write is held, the spool full: faust
+    cancels the handler mid-write, and its batch must not be committed for that."""
     if not immutable_supported(tmp_path):
         pytest.skip("needs root and chattr +i (see tests/faults.py)")
     spool_dir = tmp_path / "spool"
@@ -42,8 +46,10 @@ def test_full_spool_pauses_then_survives_kill9_and_replays(
         update={
             "resilience": ResilienceSettings(
                 spool_dir=str(spool_dir),
-                spool_max_bytes=256 * 1024,  # fills within seconds of load
-                spool_segment_bytes=32 * 1024,
+                # kill: fills within seconds of load; term: too small for one batch, so a
+                # sink write holds its batch until the spool has room.
+                spool_max_bytes=256 * 1024 if stop == "kill" else 8 * 1024,
+                spool_segment_bytes=32 * 1024 if stop == "kill" else 4 * 1024,
                 breaker_min_calls=2,
                 breaker_reset_timeout_seconds=1.0,
             ),
@@ -61,10 +67,15 @@ def test_full_spool_pauses_then_survives_kill9_and_replays(
         loader = threading.Thread(target=lambda: asyncio.run(produce(cfg, messages[first_part:])))
         with read_only_dir(cfg.data_dir):
             loader.start()
-            assert first.wait_for_log("saturated; paused", timeout=60), first.log_tail()
-            assert spooled_items(spool_dir) > 0
-            time.sleep(1)
-            first.kill()  # SIGKILL with writes in the spool and batches held
+            if stop == "term":
+                assert first.wait_for_log("holding the batch", timeout=60), first.log_tail()
+                first.stop()  # a graceful stop, with a batch held in a sink write
+            else:
+                assert first.wait_for_log("saturated; paused", timeout=60), first.log_tail()
+                assert spooled_items(spool_dir) > 0
+                time.sleep(1)
+                first.kill()  # SIGKILL with writes in the spool and batches held
+            left_in_spool = spooled_items(spool_dir) > 0
         loader.join(60)
     finally:
         first.kill()
@@ -72,8 +83,9 @@ def test_full_spool_pauses_then_survives_kill9_and_replays(
     second = WorkerProcess(cfg, tmp_path / "worker2.log")
     second.start()
     try:
-        assert second.wait_for_log("left by an earlier run wait for replay", timeout=60), second.log_tail()
-        assert second.wait_for_log("spooled items", timeout=60), second.log_tail()
+        if left_in_spool:
+            assert second.wait_for_log("left by an earlier run wait for replay", 60), second.log_tail()
+            assert second.wait_for_log("spooled items", 60), second.log_tail()
         wait_until_drained(cfg, second, timeout_s=180)
         time.sleep(cfg.idle_timeout_s + 2)
         wait_until_drained(cfg, second, timeout_s=60)
