@@ -12,6 +12,17 @@ their beginning, as ``auto_offset_reset="earliest"`` promises. For a partition
 this worker keeps across a rebalance that is what faust's seek does for committed
 ones: it re-delivers what was read since the last commit, which every sink dedupes.
 
+**The watchdog.** faust can still drop a fetched batch without delivering it (a
+batch cut short by a rebalance, a record fetched while it brought a partition back
+after table recovery): aiokafka's position has moved on, nothing is in flight, and
+the partition's committed offset stays below its end forever, with no error. The
+CI saw this as a pipeline that never drained (one record, ``committed 5 end 6``,
+after a worker restart with state to recover). :class:`SeekingConsumer` checks every
+few seconds for an assigned, unpaused partition that has records past its committed
+offset, nothing read past it, nothing unacknowledged and nothing acknowledged but
+uncommitted, for :data:`STUCK_AFTER_S`; it seeks it back to the committed offset
+(the start, if never committed). Re-delivery is always safe here: every stage dedupes.
+
 **The producer.** faust makes its producer idempotent only under
 ``processing_guarantee="exactly_once"``. Otherwise aiokafka retries a produce
 request whose acknowledgement was lost (a leader change, a broker restart) and
@@ -21,6 +32,8 @@ broker-restart chaos scenario saw published twice). An idempotent producer lets 
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,10 +41,17 @@ from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as FaustAIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Producer as FaustAIOKafkaProducer
 from faust.types import TP
+from mode import Service
+
+logger = logging.getLogger(__name__)
 
 #: faust names the changelog topics of its tables ``<app id>-<table>-changelog``; their
 #: offsets are never committed, and faust's recovery seeks them itself.
 CHANGELOG_SUFFIX = "-changelog"
+#: How long a partition may have records waiting with none delivered before it is re-sought.
+STUCK_AFTER_S = 10.0
+#: How often the watchdog looks.
+WATCHDOG_INTERVAL_S = 2.0
 
 
 async def seek_to_committed_or_beginning(consumer: Any) -> dict[Any, Any]:
@@ -55,11 +75,93 @@ class _SeekingThread(AIOKafkaConsumerThread):
         return result
 
 
+def waiting_offset(consumer: Any, tp: TP, unacked: set[TP]) -> int | None:
+    """Where ``tp`` should be read from if it has records waiting and nothing under way.
+
+    ``None`` unless records past the committed offset exist (the fetch high-water mark),
+    none was read past it, and no message of ``tp`` is unacknowledged or acknowledged
+    but not yet committed: then a delivery is due and nothing explains its absence.
+    """
+    if tp in unacked or consumer._acked.get(tp):
+        return None
+    committed = consumer._committed_offset.get(tp)
+    start = committed if committed is not None and committed > 0 else 0
+    highwater = consumer.highwater(tp)
+    if highwater is None or highwater <= start:
+        return None
+    read = consumer._read_offset.get(tp)
+    if read is not None and read > start:
+        return None
+    return start
+
+
 class SeekingConsumer(FaustAIOKafkaConsumer):
-    """The aiokafka consumer faust uses, with :class:`_SeekingThread`."""
+    """The aiokafka consumer faust uses, with :class:`_SeekingThread` and the stuck-partition
+    watchdog."""
+
+    #: Partition -> (offset it waits at, since when), for the watchdog.
+    _waiting: dict[TP, tuple[int, float]]
+    #: Partition -> offset the watchdog last sought it back to. Not again at the same offset:
+    #: a topic whose last offset holds no record (a transaction marker) would look stuck.
+    _rewound: dict[TP, int]
+    #: Partitions the watchdog sought back, since start.
+    rewinds: int = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._waiting = {}
+        self._rewound = {}
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return _SeekingThread(self, loop=self.loop, beacon=self.beacon)
+
+    @Service.timer(WATCHDOG_INTERVAL_S)
+    async def _stuck_partition_watchdog(self) -> None:
+        for tp, offset in self.stuck_partitions(time.monotonic()):
+            logger.warning(
+                "%s[%d]: records past offset %d wait, none was delivered for %.0f s and none is "
+                "in flight (faust dropped a fetched batch); seeking back to %d",
+                tp.topic,
+                tp.partition,
+                offset,
+                STUCK_AFTER_S,
+                offset,
+            )
+            self.rewinds += 1
+            await self.seek(tp, offset)
+
+    def stuck_partitions(self, now: float) -> list[tuple[TP, int]]:
+        """Partitions that have waited :data:`STUCK_AFTER_S` at one offset (see the module doc)."""
+        waiting, rewound = self._waiting, self._rewound
+        app = self.app
+        if not self.flow_active or getattr(app, "rebalancing", False) or getattr(app, "in_recovery", False):
+            waiting.clear()
+            return []
+        try:
+            assigned = self.assignment()
+        except Exception:  # noqa: BLE001 - not started, or stopping: nothing to watch
+            waiting.clear()
+            return []
+        paused = set(self._paused_partitions)
+        unacked = {message.tp for message in list(self._unacked_messages)}
+        stuck: list[tuple[TP, int]] = []
+        for tp in assigned:
+            offset = None
+            if tp not in paused and not tp.topic.endswith(CHANGELOG_SUFFIX):
+                offset = waiting_offset(self, tp, unacked)
+            if offset is None or rewound.get(tp) == offset:
+                waiting.pop(tp, None)
+                continue
+            seen = waiting.get(tp)
+            if seen is None or seen[0] != offset:
+                waiting[tp] = (offset, now)
+            elif now - seen[1] >= STUCK_AFTER_S:
+                del waiting[tp]
+                rewound[tp] = offset
+                stuck.append((tp, offset))
+        for tp in set(waiting) - set(assigned):
+            del waiting[tp]
+        return stuck
 
 
 class IdempotentProducer(FaustAIOKafkaProducer):
