@@ -514,6 +514,7 @@ class Pipeline:
     def held(self) -> dict[str, object]:
         """What this worker holds unacknowledged, per place (for the SIGUSR1 state dump)."""
         return {
+            "live traces": self.assembler.live_traces,
             "assembly held messages": len(self._held),
             "assembly held per partition": dict(sorted(Counter(self._held_partition.values()).items())),
             "span sink rows": len(self.span_sink),
