@@ -152,6 +152,9 @@ class Pipeline:
             producer_linger=0.005,
             producer_acks=-1,
             stream_wait_empty=False,
+            # faust's own directory (table state; empty with the memory store): with the data,
+            # not "<app id>-data" in whatever directory the worker was started from.
+            datadir=str(settings.data_dir / "faust"),
         )
         # No skipped never-committed partitions, no duplicates from producer retries (streams/transport.py).
         install_transport(self.app)
