@@ -63,7 +63,9 @@ def test_small_traces_close_on_time_while_a_giant_trace_streams(
     assert set(delays) == small_ids, "every small trace must be closed"
     worst = max(delays.values())
     # Closed within the idle timeout + 1 s of its last span, although the giant trace
-    # (100 messages of 2,000 spans) streamed in over the same seconds.
+    # (100 messages of 2,000 spans) streamed in over the same seconds. Measured on the
+    # AMD EPYC VM: at ~40k spans/s p50 1.92 s, max 3.03 s (20cacbf fails as well); at
+    # ~20k spans/s p50 1.40-1.44 s, max 1.77-2.00 s.
     assert worst <= IDLE_S + 1.0, f"slowest small trace closed {worst:.2f}s after its last span"
 
 
@@ -78,7 +80,9 @@ async def _stream_and_measure(
     await consumer.start()
     headers = [(cfg.tenant_header, b"acme")]
     try:
-        # Interleave: every giant message is followed by a few small traces, over ~5 s.
+        # Interleave: every giant message is followed by a few small traces, over ~15 s
+        # (~13k spans/s). Faster, a single worker on the 2-core VM is saturated and every
+        # trace waits, giant or not: that measures throughput (issue #10), not fairness.
         per_giant = max(1, len(small) // len(giant))
         for i, blob in enumerate(giant):
             await producer.send(cfg.topics.input, blob, headers=headers)
@@ -86,7 +90,7 @@ async def _stream_and_measure(
                 await producer.send(
                     cfg.topics.input, encode_request([trace]).SerializeToString(), headers=headers
                 )
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.15)
         for trace in small[len(giant) * per_giant :]:
             await producer.send(
                 cfg.topics.input, encode_request([trace]).SerializeToString(), headers=headers
