@@ -46,10 +46,10 @@ def test_full_spool_pauses_then_survives_a_stop_and_replays(
         update={
             "resilience": ResilienceSettings(
                 spool_dir=str(spool_dir),
-                # kill: fills within seconds of load; term: too small for one batch, so a
-                # sink write holds its batch until the spool has room.
-                spool_max_bytes=256 * 1024 if stop == "kill" else 8 * 1024,
-                spool_segment_bytes=32 * 1024 if stop == "kill" else 4 * 1024,
+                # kill: fills within seconds of load; term: the smallest spool, too small for
+                # any batch, so the first failed write holds its batch until there is room.
+                spool_max_bytes=256 * 1024 if stop == "kill" else 1024,
+                spool_segment_bytes=32 * 1024 if stop == "kill" else 1024,
                 breaker_min_calls=2,
                 breaker_reset_timeout_seconds=1.0,
             ),
