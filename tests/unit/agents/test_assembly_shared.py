@@ -22,6 +22,13 @@ PACK = [
         expression="when { http.request } never { count(db.query) > 2 }",
     ),
     Rule(id="tq", tenant="-", name="errors", language="traceql", expression='{ name = "boom" }'),
+    Rule(
+        id="agg",
+        tenant="-",
+        name="db spans",
+        language="traceql",
+        expression='{ name = "db.query" } | count() > 4',
+    ),
 ]
 
 
@@ -70,8 +77,13 @@ def test_shared_programs_fold_exactly_like_per_tenant_over_two_windows() -> None
         per_tenant(table, new, expected)
         fold_tenants(RULES.__getitem__, table, new, shared)
     assert shared == expected
-    # Each tenant's own rule versions, nobody else's (TraceQL keeps only violations).
-    assert set(shared["3" * 32]) == {"pii@3", "db@3"}
+    # Each tenant's own rule versions, nobody else's (a TraceQL filter keeps only violations,
+    # an aggregate query its running totals).
+    assert set(shared["3" * 32]) == {"pii@3", "db@3", "agg@3"}
+    # Three db.query spans per pass: over the two passes, the aggregate query matches.
+    assert shared["1" * 32]["agg@1"].agg == [6, 0, 0.0, None, None]
+    assert sm.violated(RULES["a"][3], shared["1" * 32]["agg@1"])
+    assert not sm.violated(RULES["b"][3], shared["4" * 32]["agg@3"])
     assert set(shared["5" * 32]) >= {"pii@1", "pii-copy@1", "own@1"}
     assert shared["1" * 32]["tq@1"].violated
     assert not any(s.violated for s in shared["2" * 32].values())

@@ -99,6 +99,7 @@ def _merge(target: sm.Summaries, key: str, s: sm.RuleSummary) -> None:
             counts=None if s.counts is None else list(s.counts),
             violated=s.violated,
             evidence=list(s.evidence),
+            agg=None if s.agg is None else list(s.agg),
         )
         return
     if s.counts is not None:
@@ -106,6 +107,11 @@ def _merge(target: sm.Summaries, key: str, s: sm.RuleSummary) -> None:
             cur.counts = list(s.counts)
         else:
             cur.counts = [a + b for a, b in zip(cur.counts, s.counts, strict=True)]
+    if s.agg is not None:
+        if cur.agg is None:
+            cur.agg = list(s.agg)
+        else:
+            sm.add_totals(cur.agg, s.agg)
     cur.violated = cur.violated or s.violated
     room = sm.MAX_EVIDENCE - len(cur.evidence)
     if room > 0:

@@ -15,26 +15,36 @@ Exactness (see docs in the package ``__init__``):
   from the counts: exact for any trace length, as long as each selector is a
   per-span predicate. Selectors with TraceQL structure (parent/child,
   siblings) see the window plus its overlap only.
-* ``traceql`` and ``sequence`` rules keep one flag: violated in some window
+* ``traceql`` queries of one span filter and one aggregate comparison
+  (``{ cond } | count() > 15``, ``{ } | avg(duration) > 40ms``; ``min``, ``max``,
+  ``sum`` too) keep the filter's span count and the aggregate's count, sum, min
+  and max over the *new* rows: exact for any trace length, when the filter reads
+  no ``trace:`` intrinsic.
+* Other ``traceql`` and ``sequence`` rules keep one flag: violated in some window
   (window plus overlap as context). Exact for span filters; structural
-  relations, ``followed_by`` and aggregates only within window + overlap.
+  relations, ``followed_by``, several pipeline stages and ``trace:`` intrinsics
+  only within window + overlap.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from betrace.rules import fields as fx
 from betrace.rules.batch import BatchContext
 from betrace.rules.dsl import compiler as dslc
 from betrace.rules.dsl import parser as dslp
-from betrace.rules.engine import CompiledDslRule
+from betrace.rules.engine import CompiledDslRule, CompiledTraceQLRule
 from betrace.rules.model import CompiledRule
+from betrace.rules.traceql import ast as tq
 
 #: Span ids kept per rule and trace as evidence of a windowed violation.
 MAX_EVIDENCE = 8
@@ -60,10 +70,17 @@ class RuleSummary:
     counts: list[int] | None = None  # DSL: one count per leaf selector
     violated: bool = False  # other languages: violated in some window
     evidence: list[str] = field(default_factory=list)
+    #: TraceQL aggregate queries: [filter spans, values, sum, min, max] (see :class:`_AggregateQuery`).
+    agg: list[float | None] | None = None
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> RuleSummary:
-        return cls(counts=doc.get("c"), violated=bool(doc.get("v")), evidence=list(doc.get("e") or ()))
+        return cls(
+            counts=doc.get("c"),
+            violated=bool(doc.get("v")),
+            evidence=list(doc.get("e") or ()),
+            agg=doc.get("a"),
+        )
 
 
 Summaries = dict[str, RuleSummary]
@@ -74,7 +91,7 @@ def summaries_json(summaries: Summaries) -> dict[str, Any]:
 
     One comprehension, no call per rule: this runs for every closed trace.
     """
-    return {k: {"c": s.counts, "v": s.violated, "e": s.evidence} for k, s in summaries.items()}
+    return {k: {"c": s.counts, "v": s.violated, "e": s.evidence, "a": s.agg} for k, s in summaries.items()}
 
 
 class _DslLeaves:
@@ -124,6 +141,105 @@ class _DslLeaves:
                 return lambda c: lhs(c) or rhs(c)
 
 
+def _subexprs(expr: fx.Expr) -> Iterator[fx.Expr]:
+    yield expr
+    for f in dataclasses.fields(expr):
+        value = getattr(expr, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            yield from _subexprs(value)  # type: ignore[arg-type]  # every nested dataclass is an Expr
+
+
+class _AggregateQuery:
+    """``{ cond } | agg(...) op N``: the query as a function of per-trace running totals.
+
+    The totals are ``[spans, values, sum, min, max]``: spans that pass ``cond``, and
+    the count, sum, min and max of the aggregate's numeric argument over them (for
+    ``count()``, of nothing). The query matches when some span passes and the
+    aggregate of the totals passes the comparison, as on the whole trace.
+    """
+
+    def __init__(self, cond: fx.Expr, aggregate: tq.Aggregate, op: str, bound: float) -> None:
+        self.cond = None if isinstance(cond, fx.Const) and cond.value is True else fx.compile_predicate(cond)
+        self.value = None if aggregate.arg is None else fx.compile_value(aggregate.arg)
+        self.func = aggregate.func
+        self.compare = _CMP[op]
+        self.bound = bound
+
+    @classmethod
+    def of(cls, compiled: CompiledRule) -> _AggregateQuery | None:
+        if not isinstance(compiled, CompiledTraceQLRule):
+            return None
+        match compiled.query:
+            case tq.Pipeline(
+                stages=(
+                    tq.Filter(expr=cond),
+                    tq.AggregateFilter(op=op, left=aggregate, right=float() as bound),
+                )
+            ):
+                if any(isinstance(e, fx.Field) and e.scope == "trace" for e in _subexprs(cond)):
+                    return None  # trace:duration and the like: per window, not per trace
+                return cls(cond, aggregate, op, bound)
+        return None
+
+    def fold(self, ctx: BatchContext, new: pa.Array) -> tuple[pa.Array, list[list[float | None]]]:
+        """The mask of spans passing ``cond`` and, per window, the totals of its new rows."""
+        mask = ctx.all_true if self.cond is None else self.cond(ctx)
+        mask = pc.and_(mask, new).fill_null(False)
+        spans = ctx.group_count(mask).to_pylist()
+        if self.value is None:
+            return mask, [[n, 0, 0.0, None, None] for n in spans]
+        num = self.value(ctx).num
+        if num is None:
+            return mask, [[n, 0, 0.0, None, None] for n in spans]
+        num = pc.cast(num, pa.float64())
+        valid = pc.and_(mask, pc.is_valid(num))
+        columns = [
+            ctx.group_count(valid).to_pylist(),
+            ctx.group_reduce(num, valid, "sum").to_pylist(),
+            ctx.group_reduce(num, valid, "min").to_pylist(),
+            ctx.group_reduce(num, valid, "max").to_pylist(),
+        ]
+        return mask, [
+            [n, values, total or 0.0, lo, hi]
+            for n, values, total, lo, hi in zip(spans, *columns, strict=True)
+        ]
+
+    def matched(self, totals: list[float | None]) -> bool:
+        spans, values, total, lo, hi = totals
+        if not spans:
+            return False
+        if self.func == "count":
+            value: float | None = spans
+        elif not values:
+            value = None
+        else:
+            value = {"sum": total, "avg": (total or 0.0) / values, "min": lo, "max": hi}[self.func]
+        return value is not None and not math.isnan(value) and self.compare(value, self.bound)
+
+
+def add_totals(into: list[float | None], totals: list[float | None]) -> None:
+    """Add one window pass's aggregate totals to a trace's (see :class:`_AggregateQuery`)."""
+    into[0] = (into[0] or 0) + (totals[0] or 0)
+    into[1] = (into[1] or 0) + (totals[1] or 0)
+    into[2] = (into[2] or 0.0) + (totals[2] or 0.0)
+    for i, pick in ((3, min), (4, max)):
+        a, b = into[i], totals[i]
+        into[i] = b if a is None else a if b is None else pick(a, b)
+
+
+_aggregates_cache: dict[int, tuple[CompiledRule, _AggregateQuery | None]] = {}
+
+
+def _aggregate(compiled: CompiledRule) -> _AggregateQuery | None:
+    hit = _aggregates_cache.get(id(compiled))
+    if hit is None or hit[0] is not compiled:
+        if len(_aggregates_cache) > 10_000:  # rule reloads replace compiled objects
+            _aggregates_cache.clear()
+        hit = (compiled, _AggregateQuery.of(compiled))
+        _aggregates_cache[id(compiled)] = hit
+    return hit[1]
+
+
 _leaves_cache: dict[int, tuple[CompiledRule, _DslLeaves]] = {}
 
 
@@ -161,6 +277,11 @@ def fold_windows(
             if not traces:
                 traces = [w.rpartition(WINDOW_SEP)[0] for w in ctx.trace_ids.to_pylist()]  # trace_of
             _fold_dsl(compiled, key, ctx, traces, new=new, into=into)
+        elif (query := _aggregate(compiled)) is not None:
+            ctx = compiled.context(windows)  # type: ignore[attr-defined]  # a CompiledTraceQLRule
+            if not traces:
+                traces = [w.rpartition(WINDOW_SEP)[0] for w in ctx.trace_ids.to_pylist()]
+            _fold_aggregate(query, key, ctx, traces, new=new, into=into)
         else:
             for violation in compiled.evaluate(windows):
                 summary = into.setdefault(trace_of(violation.trace_id), {}).setdefault(key, RuleSummary())
@@ -201,14 +322,39 @@ def _fold_dsl(
             for i, n in enumerate(counts):
                 summary.counts[i] += n
     if evidence_mask is not None:
-        # Best effort and bounded: a few cited spans, never a per-span loop over a window.
-        hits = pc.indices_nonzero(evidence_mask)[: 4 * MAX_EVIDENCE]
-        codes = pc.take(ctx.codes, hits).to_pylist()
-        ids = pc.take(ctx.column("span_id"), hits).to_pylist()
-        for code, span_id in zip(codes, ids, strict=True):
-            summary = into[traces[code]][key]
-            if len(summary.evidence) < MAX_EVIDENCE:
-                summary.evidence.append(span_id)
+        _add_evidence(ctx, evidence_mask, traces, key, into)
+
+
+def _fold_aggregate(
+    query: _AggregateQuery,
+    key: str,
+    ctx: BatchContext,
+    traces: list[str],
+    *,
+    new: pa.Array,
+    into: dict[str, Summaries],
+) -> None:
+    mask, per_window = query.fold(ctx, new)
+    for trace_id, totals in zip(traces, per_window, strict=True):
+        summary = into.setdefault(trace_id, {}).setdefault(key, RuleSummary())
+        if summary.agg is None:
+            summary.agg = totals
+        else:
+            add_totals(summary.agg, totals)
+    _add_evidence(ctx, mask, traces, key, into)
+
+
+def _add_evidence(
+    ctx: BatchContext, mask: pa.Array, traces: list[str], key: str, into: dict[str, Summaries]
+) -> None:
+    # Best effort and bounded: a few cited spans, never a per-span loop over a window.
+    hits = pc.indices_nonzero(mask)[: 4 * MAX_EVIDENCE]
+    codes = pc.take(ctx.codes, hits).to_pylist()
+    ids = pc.take(ctx.column("span_id"), hits).to_pylist()
+    for code, span_id in zip(codes, ids, strict=True):
+        summary = into[traces[code]][key]
+        if len(summary.evidence) < MAX_EVIDENCE:
+            summary.evidence.append(span_id)
 
 
 def violated(compiled: CompiledRule, summary: RuleSummary | None) -> bool:
@@ -217,6 +363,8 @@ def violated(compiled: CompiledRule, summary: RuleSummary | None) -> bool:
         return False
     if isinstance(compiled, CompiledDslRule) and summary.counts is not None:
         return _leaves(compiled).violated(summary.counts)
+    if summary.agg is not None and (query := _aggregate(compiled)) is not None:
+        return query.matched(summary.agg)
     return summary.violated
 
 
@@ -229,4 +377,6 @@ def message(compiled: CompiledRule, windows: int) -> str:
         if ast.never is not None:
             parts.append(f"never {{ {ast.never.text} }}")
         return f"{' / '.join(parts)}: violated over {windows} window(s)"
+    if _aggregate(compiled) is not None:
+        return f"TraceQL query matched over {windows} window(s): {' '.join(compiled.rule.expression.split())}"
     return f"{compiled.rule.language} rule matched in a window ({windows} window(s) evaluated)"
