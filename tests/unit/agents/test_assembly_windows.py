@@ -284,7 +284,7 @@ def test_traceql_aggregates_over_many_windows_match_the_whole_trace() -> None:
     clock, hooks = Clock(), InMemoryHooks()
     asm = make(clock, hooks, rules=rules)
     seq = 0
-    for trace_id, table in traces.items():
+    for table in traces.values():
         at = 0
         while at < table.num_rows:
             size = rng.randint(1, 30)
