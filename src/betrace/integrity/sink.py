@@ -20,7 +20,7 @@ from betrace.integrity.store import CheckOutcome, check_closed, check_stored
 from betrace.metrics import StageHooks
 from betrace.sinks.base import BatchingSink
 from betrace.sinks.duckdb_store import TenantStore
-from betrace.streams.topics import group_by_tenant
+from betrace.streams.topics import split_by_tenant
 
 logger = logging.getLogger(__name__)
 anomaly_log = logging.getLogger("betrace.anomaly")
@@ -73,7 +73,7 @@ class IntegritySink(BatchingSink[pa.Table]):
     def _write_sync(self, batch: list[pa.Table]) -> list[CheckOutcome]:
         started = time.perf_counter()
         outcomes = []
-        for tenant, part in group_by_tenant(batch):
+        for tenant, part in split_by_tenant(pa.concat_tables(batch)):
             if not self.store.owns(tenant):  # its owner's periodic recheck covers these traces
                 continue
             with self.store.cursor(tenant) as con:

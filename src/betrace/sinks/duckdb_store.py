@@ -70,7 +70,7 @@ from betrace.sinks.store_schema import (
     SUMMARY_BACKFILL_SQL,
     WRITER_SESSIONS_SQL,
 )
-from betrace.streams.topics import group_by_tenant, tenant_partition
+from betrace.streams.topics import split_by_tenant, tenant_partition
 
 logger = logging.getLogger(__name__)
 
@@ -649,7 +649,7 @@ class SpanStoreSink(BatchingSink[pa.Table]):
         async with self._flush_lock:
             if not self._batch:
                 return {}
-            parts = group_by_tenant(self._batch)
+            parts = split_by_tenant(pa.concat_tables(self._batch))
             group = self.row_group_rows
             whole = {t: p.num_rows if p.num_rows < group else p.num_rows // group * group for t, p in parts}
             rows = sum(whole.values())
@@ -666,5 +666,8 @@ class SpanStoreSink(BatchingSink[pa.Table]):
             return whole
 
     def _write_sync(self, batch: list[pa.Table]) -> tuple[int, int]:
-        results = [self.store.upsert_spans(t, part) for t, part in group_by_tenant(batch)]
+        table = pa.concat_tables(batch)
+        # One chunk per tenant: DuckDB inserts the chunks of a multi-chunk table in
+        # parallel, and each thread leaves a partial row group behind.
+        results = [self.store.upsert_spans(t, part.combine_chunks()) for t, part in split_by_tenant(table)]
         return sum(r.inserted for r in results), sum(r.updated for r in results)

@@ -109,18 +109,3 @@ def split_by_tenant(table: pa.Table) -> list[tuple[str, pa.Table]]:
     if len(unique) == 1:
         return [(unique[0], table)]
     return [(t, table.filter(pc.equal(tenants, t))) for t in unique]
-
-
-def group_by_tenant(tables: list[pa.Table]) -> list[tuple[str, pa.Table]]:
-    """One single-chunk table per tenant, rows in their order in ``tables``.
-
-    Each table is split on its own: the span store's input tables hold one tenant
-    each, so this is a ``unique`` per table where splitting their concatenation
-    filters every row once per tenant. One chunk, because DuckDB inserts the chunks
-    of a multi-chunk table in parallel and each thread leaves a partial row group.
-    """
-    parts: dict[str, list[pa.Table]] = {}
-    for table in tables:
-        for tenant, part in split_by_tenant(table):
-            parts.setdefault(tenant, []).append(part)
-    return [(tenant, pa.concat_tables(group).combine_chunks()) for tenant, group in parts.items()]

@@ -22,7 +22,6 @@ from betrace.streams.topics import (
     DLQ_REASON,
     DLQ_TOPIC,
     dead_letter_headers,
-    group_by_tenant,
     partition_of,
     split_by_partition,
     split_by_tenant,
@@ -145,13 +144,6 @@ def test_split_by_tenant_preserves_rows(spans: pa.Table) -> None:
         assert set(table.column("tenant").to_pylist()) == {tenant}
     one = spans.filter(pc.equal(spans.column("tenant"), "acme"))
     assert split_by_tenant(one) == [("acme", one)]
-
-
-def test_group_by_tenant_keeps_each_tenants_rows_in_order_in_one_chunk(spans: pa.Table) -> None:
-    tables = [spans.slice(0, 7), spans.slice(7, 20), spans.slice(27)]
-    grouped = dict(group_by_tenant(tables))
-    assert grouped == {tenant: part.combine_chunks() for tenant, part in split_by_tenant(spans)}
-    assert all(table.column("span_id").num_chunks == 1 for table in grouped.values())
 
 
 def test_dead_letter_headers_keep_originals_and_add_coordinates() -> None:
