@@ -33,7 +33,7 @@ import math
 import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -227,30 +227,29 @@ def add_totals(into: list[float | None], totals: list[float | None]) -> None:
         into[i] = b if a is None else a if b is None else pick(a, b)
 
 
-_aggregates_cache: dict[int, tuple[CompiledRule, _AggregateQuery | None]] = {}
-
-
 def _aggregate(compiled: CompiledRule) -> _AggregateQuery | None:
-    hit = _aggregates_cache.get(id(compiled))
+    return _per_rule(_aggregates_cache, compiled, _AggregateQuery.of)
+
+
+_T = TypeVar("_T")
+#: Per compiled rule (by identity; rule reloads replace compiled objects): its derived query.
+_aggregates_cache: dict[int, tuple[CompiledRule, Any]] = {}
+_leaves_cache: dict[int, tuple[CompiledRule, Any]] = {}
+
+
+def _per_rule(cache: dict[int, tuple[CompiledRule, Any]], compiled: Any, build: Callable[[Any], _T]) -> _T:
+    hit = cache.get(id(compiled))
     if hit is None or hit[0] is not compiled:
-        if len(_aggregates_cache) > 10_000:  # rule reloads replace compiled objects
-            _aggregates_cache.clear()
-        hit = (compiled, _AggregateQuery.of(compiled))
-        _aggregates_cache[id(compiled)] = hit
-    return hit[1]
-
-
-_leaves_cache: dict[int, tuple[CompiledRule, _DslLeaves]] = {}
+        if len(cache) > 10_000:
+            cache.clear()
+        hit = (compiled, build(compiled))
+        cache[id(compiled)] = hit
+    value: _T = hit[1]
+    return value
 
 
 def _leaves(compiled: CompiledDslRule) -> _DslLeaves:
-    hit = _leaves_cache.get(id(compiled))
-    if hit is None or hit[0] is not compiled:
-        if len(_leaves_cache) > 10_000:  # rule reloads replace compiled objects
-            _leaves_cache.clear()
-        hit = (compiled, _DslLeaves(compiled.program.ast))
-        _leaves_cache[id(compiled)] = hit
-    return hit[1]
+    return _per_rule(_leaves_cache, compiled, lambda c: _DslLeaves(c.program.ast))
 
 
 def window_table(spans: pa.Table, window_id: str) -> pa.Table:
