@@ -23,6 +23,14 @@ offset, nothing read past it, nothing unacknowledged and nothing acknowledged bu
 uncommitted, for :data:`STUCK_AFTER_S`; it seeks it back to the committed offset
 (the start, if never committed). Re-delivery is always safe here: every stage dedupes.
 
+**The commit.** faust commits over a hole at the head of a partition's acknowledged
+offsets, and acknowledges messages its streams skip for an older consumer
+generation without processing them (the seek after a rebalance re-delivers them, but
+their offsets already count as done). :class:`SeekingConsumer` commits only past
+processed records (:mod:`betrace.streams.offsets`): it refuses acknowledgements
+from an older generation or during a rebalance, and a hole at the head waits for its
+in-flight messages, or is re-read from the broker.
+
 **The producer.** faust makes its producer idempotent only under
 ``processing_guarantee="exactly_once"``. Otherwise aiokafka retries a produce
 request whose acknowledgement was lost (a leader change, a broker restart) and
@@ -40,8 +48,10 @@ from typing import Any
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as FaustAIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Producer as FaustAIOKafkaProducer
-from faust.types import TP
+from faust.types import TP, Message
 from mode import Service
+
+from betrace.streams.offsets import HeadHole, HoleJudge, take_run
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +75,9 @@ async def seek_to_committed_or_beginning(consumer: Any) -> dict[Any, Any]:
     ]
     if never:
         await consumer.seek_to_beginning(*never)
+        # The first offset a commit must cover: not 0 once retention deleted the log's start.
+        starts = await consumer.beginning_offsets(never)
+        committed.update({tp: starts[tp] for tp in never if starts.get(tp)})
     return committed
 
 
@@ -96,8 +109,8 @@ def waiting_offset(consumer: Any, tp: TP, unacked: set[TP]) -> int | None:
 
 
 class SeekingConsumer(FaustAIOKafkaConsumer):
-    """The aiokafka consumer faust uses, with :class:`_SeekingThread` and the stuck-partition
-    watchdog."""
+    """The aiokafka consumer faust uses, with :class:`_SeekingThread`, the stuck-partition
+    watchdog and the strict commit rule."""
 
     #: Partition -> (offset it waits at, since when), for the watchdog.
     _waiting: dict[TP, tuple[int, float]]
@@ -106,17 +119,97 @@ class SeekingConsumer(FaustAIOKafkaConsumer):
     _rewound: dict[TP, int]
     #: Partitions the watchdog sought back, since start.
     rewinds: int = 0
+    #: Partition -> committed offset to seek it back to: a hole at its head nothing explains.
+    _holes_due: dict[TP, int]
+    #: Acknowledgements refused: of messages from before the last rebalance.
+    stale_acks: int = 0
+    #: Holes committed over after a re-read found them empty.
+    holes_skipped: int = 0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._waiting = {}
         self._rewound = {}
+        self._holes = HoleJudge()
+        self._holes_due = {}
+
+    def ack(self, message: Message) -> bool:
+        """faust's ack, refused for a message of an older generation (or mid-rebalance).
+
+        faust's streams acknowledge the messages they skip for being of an older
+        generation, unprocessed; a handler that finishes after a revocation
+        acknowledges work whose partition state was dropped. The seek after the
+        rebalance re-delivers both from the committed offset, and those copies count.
+        """
+        app = self.app
+        if message.generation_id != app.consumer_generation_id or app.rebalancing:
+            if not message.acked:
+                message.acked = True
+                self._unacked_messages.discard(message)
+                self.stale_acks += 1
+            return False
+        acked: bool = super().ack(message)
+        return acked
+
+    def _new_offset(self, tp: TP) -> int | None:
+        """The offset to commit for ``tp``: past the acknowledged run starting at the committed
+        offset, never over a hole (see :mod:`betrace.streams.offsets`)."""
+        if tp.topic.endswith(CHANGELOG_SUFFIX):
+            offset: int | None = super()._new_offset(tp)
+            return offset
+        acked, index = self._acked[tp], self._acked_index[tp]
+        head = self._committed_offset.get(tp) or 0
+        offset = take_run(acked, index, head)
+        if offset is not None or not acked:
+            return offset
+        first = acked[0]
+        in_flight = [m.offset for m in list(self._unacked_messages) if m.tp == tp]
+        decision = self._holes.decide(tp, head, first, in_flight, time.monotonic())
+        if decision is HeadHole.REWIND:
+            self._holes_due[tp] = head
+            return None
+        if decision is HeadHole.WAIT:
+            return None
+        logger.warning(
+            "%s[%d]: offsets %d-%d were re-read from the broker and are still missing; committing over them",
+            tp.topic,
+            tp.partition,
+            head,
+            first - 1,
+        )
+        self.holes_skipped += 1
+        return take_run(acked, index, first)
+
+    async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
+        """faust notes offsets skipped between two fetched records as committable; here they
+        are a hole that :meth:`_new_offset` re-reads (our topics have no such offsets)."""
+        del tp, offset_from, offset_to
+
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        for tp in revoked:
+            self._holes.forget(tp)
+            self._holes_due.pop(tp, None)
+        await super().on_partitions_revoked(revoked)
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return _SeekingThread(self, loop=self.loop, beacon=self.beacon)
 
     @Service.timer(WATCHDOG_INTERVAL_S)
     async def _stuck_partition_watchdog(self) -> None:
+        holes, self._holes_due = self._holes_due, {}
+        assigned = self.assignment() if holes else set()
+        for tp, offset in holes.items():
+            if tp in assigned:
+                logger.warning(
+                    "%s[%d]: records from offset %d were never acknowledged nor are in flight, "
+                    "later ones were; seeking back to %d",
+                    tp.topic,
+                    tp.partition,
+                    offset,
+                    offset,
+                )
+                self.rewinds += 1
+                await self.seek(tp, offset)
         for tp, offset in self.stuck_partitions(time.monotonic()):
             logger.warning(
                 "%s[%d]: records past offset %d wait, none was delivered for %.0f s and none is "
