@@ -11,6 +11,7 @@ exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -46,10 +47,11 @@ def test_full_spool_pauses_then_survives_a_stop_and_replays(
         update={
             "resilience": ResilienceSettings(
                 spool_dir=str(spool_dir),
-                # kill: fills within seconds of load; term: the smallest spool, too small for
-                # any batch, so the first failed write holds its batch until there is room.
-                spool_max_bytes=256 * 1024 if stop == "kill" else 1024,
-                spool_segment_bytes=32 * 1024 if stop == "kill" else 1024,
+                # Fills within seconds of load (kill). An empty spool takes any batch, however
+                # big, so term makes the spool's own disk refuse writes instead: the first
+                # failed sink write then holds its batch, whatever the batch sizes.
+                spool_max_bytes=256 * 1024,
+                spool_segment_bytes=32 * 1024,
                 breaker_min_calls=2,
                 breaker_reset_timeout_seconds=1.0,
             ),
@@ -65,7 +67,8 @@ def test_full_spool_pauses_then_survives_a_stop_and_replays(
     try:
         wait_until_drained(cfg, first, timeout_s=120)
         loader = threading.Thread(target=lambda: asyncio.run(produce(cfg, messages[first_part:])))
-        with read_only_dir(cfg.data_dir):
+        spool_fault = read_only_dir(spool_dir) if stop == "term" else contextlib.nullcontext()
+        with read_only_dir(cfg.data_dir), spool_fault:
             loader.start()
             if stop == "term":
                 assert first.wait_for_log("holding the batch", timeout=60), first.log_tail()
