@@ -9,6 +9,9 @@ from typing import Literal
 import orjson
 
 PACKAGE_LOGGER = "betrace"
+#: Libraries whose warnings and crashes a worker's operator must see (a crashed faust
+#: service stops the worker without a word of ours).
+LIBRARY_LOGGERS = ("faust", "mode", "aiokafka")
 
 _STD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -70,3 +73,19 @@ def configure_logging(level: str = "INFO", fmt: Literal["text", "json", "logfmt"
     logger.addHandler(handler)
     logger.propagate = False
     return logger
+
+
+def include_library_logs() -> None:
+    """A long-running worker: its libraries' warnings go through the package handler too.
+
+    CLI commands leave them out; they turn a library's failure into one clear error line.
+    """
+    package = logging.getLogger(PACKAGE_LOGGER)
+    for name in LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        for old in list(library.handlers):
+            library.removeHandler(old)
+        for handler in package.handlers:
+            library.addHandler(handler)
+        library.setLevel(max(logging.WARNING, package.getEffectiveLevel()))
+        library.propagate = False

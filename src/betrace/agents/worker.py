@@ -20,6 +20,7 @@ from betrace.cache.rules import RuleSetCache
 from betrace.cache.traces import TraceMetaCache
 from betrace.config import Settings
 from betrace.ingestion.worker import worker_run
+from betrace.logs import include_library_logs
 from betrace.observability.diagnostics import dump_safely
 from betrace.observability.health import (
     HealthChecks,
@@ -207,6 +208,7 @@ def run_worker(settings: Settings) -> None:
         f"http://{settings.web_bind}:{settings.web_port}" if settings.web_port else "off",
     )
     tune_gc()
+    include_library_logs()
     worker = _Worker(
         pipeline,
         pipeline.app,

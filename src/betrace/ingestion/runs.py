@@ -26,6 +26,7 @@ import datetime as dt
 import logging
 import os
 import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -339,6 +340,9 @@ class IngestionRun:
         self._last: dict[str, Any] = {}
         self._batches = 0
         self._saved = False
+        # A worker cancelled mid-checkpoint finishes while the executor thread still saves;
+        # two in-process writers of one row make DuckDB refuse both ("Conflict on update").
+        self._lock = threading.RLock()
 
     def start(self) -> None:
         try:
@@ -357,6 +361,10 @@ class IngestionRun:
 
     def checkpoint(self) -> None:
         """Save the counters; record the growth since the last checkpoint as one batch event."""
+        with self._lock:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
         grown = self.counts.delta(self._last)
         if not grown and self._batches:
             return
@@ -371,10 +379,11 @@ class IngestionRun:
         self._last = self.counts.as_payload()
 
     def finish(self, state: str = "finished", *, error: str | None = None) -> None:
-        if error:
-            self.counts.fail("run_failed", error[:300])
-        self.checkpoint()
-        self._save(state)
+        with self._lock:
+            if error:
+                self.counts.fail("run_failed", error[:300])
+            self._checkpoint()
+            self._save(state)
         outcome = "ok" if state == "finished" and not self.counts.failures else state
         if state == "finished" and self.counts.failures:
             outcome = "partial"

@@ -10,8 +10,6 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
-import pytest
-
 from betrace.config import Settings
 from betrace.dev.worker import WorkerProcess
 from betrace.ingestion.runs import RunStore
@@ -79,25 +77,25 @@ def test_replays_keep_counts_and_newer_versions_update(pipeline_settings: Settin
     runs = RunStore(cfg.data_dir).list(kind="worker")
     assert len(runs) == 3
     one, two, three = sorted(runs, key=lambda r: r["started_ns"])
-    assert all(r["state"] == "finished" and r["finished_at"] for r in runs)
+    assert all(r["state"] == "finished" and r["finished_at"] for r in runs), [
+        (r["run_id"], r["state"], r["finished_at"]) for r in runs
+    ]
     assert (one["messages"], one["spans"], one["stored"], one["updated"]) == (
         len(messages),
         gen.truth.spans,
         gen.truth.spans,
         0,
     )
-    # At least the replayed copy. Records are counted as delivered, and a rebalance while the
-    # worker starts re-delivers what it read but had not committed yet, so part of a copy may
-    # be counted twice (measured once: 4,375 of 3,006). Either way nothing is stored twice.
-    assert two["spans"] <= 2 * gen.truth.spans
+    # At least the replayed copy. Records are counted as delivered: a rebalance while the
+    # worker starts re-delivers what it read but had not committed yet, and a hole at the
+    # head of the acknowledged offsets is re-read (betrace.streams.offsets), so part of a
+    # copy may be counted twice or three times (measured: 4,375 and 6,428 of 3,006). Either
+    # way nothing is stored twice; the bound only catches a re-delivery loop.
+    assert two["messages"] >= len(messages), "committed past a message it never read"
+    assert two["spans"] <= 3 * gen.truth.spans
     assert (two["stored"], two["updated"]) == (0, 0)
     assert (three["stored"], three["updated"]) == (0, 5)
     assert three["failures"] == 0
-    if two["messages"] < len(messages):
-        # Known, not fixed: faust may commit past the first record after a seek without
-        # delivering it (its commit tolerates a one-offset hole at the head, meant for
-        # transaction markers). Seen under load: 14 of 15 messages, all 15 committed.
-        pytest.xfail(f"second session read {two['messages']} of {len(messages)} messages, committed all")
 
 
 def test_exact_duplicates_in_one_session_are_skipped_and_counted(

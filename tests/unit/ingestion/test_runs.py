@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import multiprocessing
+import threading
 from pathlib import Path
 
 import duckdb
@@ -115,6 +116,24 @@ def test_processes_share_the_file_without_holding_it(tmp_path: Path) -> None:
         assert p.exitcode == 0
     rows = RunStore(tmp_path).list(limit=100)
     assert len(rows) == 12 and {r["state"] for r in rows} == {"finished"}
+
+
+def test_finish_while_a_thread_checkpoints_still_finishes(tmp_path: Path) -> None:
+    """A worker cancelled mid-checkpoint finishes on the loop while the executor thread saves."""
+    for attempt in range(20):
+        run = IngestionRun(tmp_path, "worker", f"w{attempt}")
+        run.start()
+        run.counts.spans = 10
+        threads = [threading.Thread(target=run.checkpoint) for _ in range(3)]
+        for t in threads:
+            t.start()
+        run.counts.spans = 11
+        run.finish()
+        for t in threads:
+            t.join()
+    rows = RunStore(tmp_path).list(limit=100)
+    assert len(rows) == 20
+    assert {(r["state"], r["spans"]) for r in rows} == {("finished", 11)}
 
 
 def test_unknown_kind_is_refused(tmp_path: Path) -> None:
