@@ -29,6 +29,13 @@ PACK = [
         language="traceql",
         expression='{ name = "db.query" } | count() > 4',
     ),
+    Rule(
+        id="seq",
+        tenant="-",
+        name="pii then audit",
+        language="sequence",
+        expression="pii.access followed_by audit.log within 5ns",
+    ),
 ]
 
 
@@ -78,8 +85,10 @@ def test_shared_programs_fold_exactly_like_per_tenant_over_two_windows() -> None
         fold_tenants(RULES.__getitem__, table, new, shared)
     assert shared == expected
     # Each tenant's own rule versions, nobody else's (a TraceQL filter keeps only violations,
-    # an aggregate query its running totals).
-    assert set(shared["3" * 32]) == {"pii@3", "db@3", "agg@3"}
+    # an aggregate query its running totals, a sequence rule its pending A spans).
+    assert set(shared["3" * 32]) == {"pii@3", "db@3", "agg@3", "seq@3"}
+    assert sm.violated(RULES["a"][4], shared["1" * 32]["seq@1"])
+    assert not sm.violated(RULES["a"][4], shared["2" * 32]["seq@1"])
     # Three db.query spans per pass: over the two passes, the aggregate query matches.
     assert shared["1" * 32]["agg@1"].agg == [6, 0, 0.0, None, None]
     assert sm.violated(RULES["a"][3], shared["1" * 32]["agg@1"])

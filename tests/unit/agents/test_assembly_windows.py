@@ -302,3 +302,83 @@ def test_traceql_aggregates_over_many_windows_match_the_whole_trace() -> None:
     for c in rules:
         matched = {t for rule_id, t in expected if rule_id == c.rule.id}
         assert 0 < len(matched) < len(traces), c.rule.expression
+
+
+SEQUENCE_RULES = [
+    "pii followed_by audit within 300ns",
+    "pii followed_by audit within 40ns from start",
+    "http followed_by http within 150ns",  # A and B the same kind: never a span with itself
+    "{ span.http.status_code >= 500 } followed_by http within 2us",
+]
+
+
+def test_sequence_rules_over_many_windows_match_the_whole_trace() -> None:
+    """Spans arrive shuffled and fall into windows at random, yet ``followed_by`` is exact."""
+    rules = [
+        compile_rule(Rule(id=f"seq{i}", tenant="t", name=q, language="sequence", expression=q))
+        for i, q in enumerate(SEQUENCE_RULES)
+    ]
+    rng = random.Random(5)
+    traces: dict[str, pa.Table] = {}
+    for i in range(1, 41):
+        table = long_trace(f"{i:032x}", rng)
+        # Per trace a mix, so that each rule passes some traces and fails others.
+        weights = [rng.choice([0, 1, 3, 20]), 20, rng.choice([0, 1, 10, 40]), 40]
+        names = rng.choices(["pii", "audit", "http", "noise"], weights, k=table.num_rows)
+        traces[f"{i:032x}"] = table.set_column(table.schema.get_field_index("name"), "name", pa.array(names))
+    for window_spans in (10, 37):
+        clock, hooks = Clock(), InMemoryHooks()
+        asm = make(clock, hooks, rules=rules, window_spans=window_spans)
+        seq, closed, signals = 0, 0, []
+        for table in traces.values():
+            shuffled = table.take(pa.array(rng.sample(range(table.num_rows), table.num_rows)))
+            at = 0
+            while at < shuffled.num_rows:
+                size = rng.randint(1, 30)
+                asm.add(shuffled.slice(at, size), seq=seq, offset=seq)
+                seq, at = seq + 1, at + size
+                out = tick(asm, clock, 0.01)
+                closed, signals = closed + out.traces, signals + out.signals
+                assert out.spans.num_rows == 0  # every trace was judged from its summaries
+        out = tick(asm, clock, 10)
+        closed, signals = closed + out.traces, signals + out.signals
+        assert closed == len(traces)
+        expected = {
+            (c.rule.id, v.trace_id) for c in rules for table in traces.values() for v in c.evaluate(table)
+        }
+        assert {(d["rule_id"], d["trace_id"]) for d in signals} == expected, window_spans
+        for c in rules:  # not vacuous: each rule passes some traces and fails others
+            matched = {t for rule_id, t in expected if rule_id == c.rule.id}
+            assert 0 < len(matched) < len(traces), c.rule.expression
+        # The evidence is the unmatched A spans themselves.
+        whole = {
+            (c.rule.id, v.trace_id): set(v.span_ids)
+            for c in rules
+            for table in traces.values()
+            for v in c.evaluate(table)
+        }
+        for doc in signals:
+            assert doc["span_ids"]
+            assert set(doc["span_ids"]) <= whole[(doc["rule_id"], doc["trace_id"])]
+            assert "unmatched over" in doc["message"]
+
+
+def test_sequence_state_survives_its_json_form_and_caps_what_it_keeps() -> None:
+    from betrace.agents.assembly import sequence as sq
+    from betrace.agents.assembly.summary import RuleSummary, summaries_json
+
+    state = sq.SeqState(cover=[[0, 10], [50, 60]], pending=[[20, "a1"], [70, "a2"]])
+    doc = summaries_json({"r@1": RuleSummary(seq=state)})
+    back = RuleSummary.from_json(doc["r@1"])
+    assert back.seq == state
+    # A later B covering 8..25 clears a1; an A at 5 is already covered.
+    state.merge(sq.SeqState(cover=[[8, 25]], pending=[[5, "a3"]]))
+    assert [p[1] for p in state.pending] == ["a2"]
+    assert state.cover == [[0, 25], [50, 60]]
+    many = sq.SeqState(pending=[[i, f"s{i}"] for i in range(sq.MAX_PENDING + 5)])
+    cover = sq.SeqState(cover=[[i * 10, i * 10 + 1] for i in range(sq.MAX_COVER + 3)])
+    into = sq.SeqState()
+    into.merge(many)
+    into.merge(cover)
+    assert into.lost == 5 and len(into.pending) <= sq.MAX_PENDING and into.violated
+    assert len(into.cover) == sq.MAX_COVER and into.joined == 3

@@ -541,7 +541,7 @@ class TraceAssembler:
             "trace_id": trace_id,
             "span_ids": list(s.evidence),
             "severity": rule.severity,
-            "message": sm.message(compiled, windows),
+            "message": sm.message(compiled, windows, s),
             "detected_at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "source_produced_ms": produced,
         }

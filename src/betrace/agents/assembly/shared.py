@@ -100,6 +100,7 @@ def _merge(target: sm.Summaries, key: str, s: sm.RuleSummary) -> None:
             violated=s.violated,
             evidence=list(s.evidence),
             agg=None if s.agg is None else list(s.agg),
+            seq=None if s.seq is None else s.seq.copy(),
         )
         return
     if s.counts is not None:
@@ -113,6 +114,9 @@ def _merge(target: sm.Summaries, key: str, s: sm.RuleSummary) -> None:
         else:
             sm.add_totals(cur.agg, s.agg)
     cur.violated = cur.violated or s.violated
+    if s.seq is not None:
+        sm.add_sequence(cur, s.seq)  # its evidence: the A spans still pending
+        return
     room = sm.MAX_EVIDENCE - len(cur.evidence)
     if room > 0:
         cur.evidence.extend(s.evidence[:room])

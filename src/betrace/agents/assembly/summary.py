@@ -20,10 +20,12 @@ Exactness (see docs in the package ``__init__``):
   ``sum`` too) keep the filter's span count and the aggregate's count, sum, min
   and max over the *new* rows: exact for any trace length, when the filter reads
   no ``trace:`` intrinsic.
-* Other ``traceql`` and ``sequence`` rules keep one flag: violated in some window
-  (window plus overlap as context). Exact for span filters; structural
-  relations, ``followed_by``, several pipeline stages and ``trace:`` intrinsics
-  only within window + overlap.
+* ``sequence`` rules (``A followed_by B within T``) keep the cover of the B
+  spans' start times and the A spans not yet followed (:mod:`.sequence`): exact
+  for any trace length and any split into windows.
+* Other ``traceql`` rules keep one flag: violated in some window (window plus
+  overlap as context). Exact for span filters; structural relations, several
+  pipeline stages and ``trace:`` intrinsics only within window + overlap.
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ from typing import Any, TypeVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from betrace.agents.assembly.sequence import SeqState, window_states
 from betrace.rules import fields as fx
 from betrace.rules.batch import BatchContext
 from betrace.rules.dsl import compiler as dslc
 from betrace.rules.dsl import parser as dslp
-from betrace.rules.engine import CompiledDslRule, CompiledTraceQLRule
+from betrace.rules.engine import CompiledDslRule, CompiledSequenceRule, CompiledTraceQLRule
 from betrace.rules.model import CompiledRule
 from betrace.rules.traceql import ast as tq
 
@@ -68,10 +71,11 @@ class RuleSummary:
     """What survives of one trace for one rule after its windows were dropped."""
 
     counts: list[int] | None = None  # DSL: one count per leaf selector
-    violated: bool = False  # other languages: violated in some window
+    violated: bool = False  # other TraceQL queries: violated in some window
     evidence: list[str] = field(default_factory=list)
     #: TraceQL aggregate queries: [filter spans, values, sum, min, max] (see :class:`_AggregateQuery`).
     agg: list[float | None] | None = None
+    seq: SeqState | None = None  # sequence rules (see :mod:`.sequence`)
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> RuleSummary:
@@ -80,6 +84,7 @@ class RuleSummary:
             violated=bool(doc.get("v")),
             evidence=list(doc.get("e") or ()),
             agg=doc.get("a"),
+            seq=SeqState.from_json(doc["s"]) if doc.get("s") else None,
         )
 
 
@@ -91,7 +96,10 @@ def summaries_json(summaries: Summaries) -> dict[str, Any]:
 
     One comprehension, no call per rule: this runs for every closed trace.
     """
-    return {k: {"c": s.counts, "v": s.violated, "e": s.evidence, "a": s.agg} for k, s in summaries.items()}
+    return {
+        k: {"c": s.counts, "v": s.violated, "e": s.evidence, "a": s.agg, "s": s.seq and s.seq.as_json()}
+        for k, s in summaries.items()
+    }
 
 
 class _DslLeaves:
@@ -281,6 +289,13 @@ def fold_windows(
             if not traces:
                 traces = [w.rpartition(WINDOW_SEP)[0] for w in ctx.trace_ids.to_pylist()]
             _fold_aggregate(query, key, ctx, traces, new=new, into=into)
+        elif isinstance(compiled, CompiledSequenceRule):
+            ctx = compiled.context(windows)
+            if not traces:
+                traces = [w.rpartition(WINDOW_SEP)[0] for w in ctx.trace_ids.to_pylist()]
+            for code, part in window_states(compiled.program, ctx, new).items():
+                summary = into.setdefault(traces[code], {}).setdefault(key, RuleSummary())
+                add_sequence(summary, part)
         else:
             for violation in compiled.evaluate(windows):
                 summary = into.setdefault(trace_of(violation.trace_id), {}).setdefault(key, RuleSummary())
@@ -288,6 +303,15 @@ def fold_windows(
                 room = MAX_EVIDENCE - len(summary.evidence)
                 if room > 0:
                     summary.evidence.extend(violation.span_ids[:room])
+
+
+def add_sequence(summary: RuleSummary, part: SeqState) -> None:
+    """Fold windows' sequence state into a summary; its evidence: the first A spans pending."""
+    if summary.seq is None:
+        summary.seq = part.copy()
+    else:
+        summary.seq.merge(part)
+    summary.evidence = [p[1] for p in summary.seq.pending[:MAX_EVIDENCE]]
 
 
 def _fold_dsl(
@@ -364,10 +388,24 @@ def violated(compiled: CompiledRule, summary: RuleSummary | None) -> bool:
         return _leaves(compiled).violated(summary.counts)
     if summary.agg is not None and (query := _aggregate(compiled)) is not None:
         return query.matched(summary.agg)
+    if summary.seq is not None:
+        return summary.seq.violated
     return summary.violated
 
 
-def message(compiled: CompiledRule, windows: int) -> str:
+def _unmatched(summary: RuleSummary | None) -> str:
+    seq = summary.seq if summary is not None else None
+    if seq is None:
+        return "unmatched"
+    text = f"{len(seq.pending) + seq.lost} unmatched"
+    if seq.lost:
+        text += f", {seq.lost} of them past the {len(seq.pending)} kept"
+    if seq.joined:
+        text += f", {seq.joined} cover interval(s) joined"
+    return text
+
+
+def message(compiled: CompiledRule, windows: int, summary: RuleSummary | None = None) -> str:
     if isinstance(compiled, CompiledDslRule):
         ast = compiled.program.ast
         parts = [f"when {{ {ast.when.text} }} matched"]
@@ -378,4 +416,6 @@ def message(compiled: CompiledRule, windows: int) -> str:
         return f"{' / '.join(parts)}: violated over {windows} window(s)"
     if _aggregate(compiled) is not None:
         return f"TraceQL query matched over {windows} window(s): {' '.join(compiled.rule.expression.split())}"
+    if isinstance(compiled, CompiledSequenceRule):
+        return f"{compiled.program.message()} ({_unmatched(summary)} over {windows} window(s))"
     return f"{compiled.rule.language} rule matched in a window ({windows} window(s) evaluated)"

@@ -63,6 +63,7 @@ class SequenceParts:
     first: pa.Array  # mask of A spans
     unmatched: pa.Array  # mask: A spans with no B in the window
     deadline: pa.Array  # int64 per span (anchor + T), meaningful where ``first``
+    then: pa.Array  # mask of B spans (windowed summaries carry their start times on)
 
 
 class CompiledSequence:
@@ -79,11 +80,11 @@ class CompiledSequence:
         deadline = pc.add(anchor_col, self.ast.within_ns)
         a_rows = pc.indices_nonzero(a)
         if len(a_rows) == 0:
-            return SequenceParts(a, ctx.all_false, deadline)
+            return SequenceParts(a, ctx.all_false, deadline, b)
         b_rows = pc.indices_nonzero(b)
         matched_rows = _followed(ctx, a_rows, b_rows, anchor_col, self.ast.within_ns)
         matched = ctx.rows_mask(matched_rows)
-        return SequenceParts(a, pc.and_(a, pc.invert(matched)), deadline)
+        return SequenceParts(a, pc.and_(a, pc.invert(matched)), deadline, b)
 
     def message(self) -> str:
         seconds = self.ast.within_ns / 1e9
