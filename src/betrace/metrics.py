@@ -31,6 +31,13 @@ METRICS: tuple[MetricSpec, ...] = (
         "betrace_dead_letters_total", "counter", "records", "records sent to the DLQ", ("stage", "reason")
     ),
     MetricSpec("betrace_traces_closed_total", "counter", "traces", "traces closed", ("stage", "cause")),
+    MetricSpec(
+        "betrace_traces_held_total",
+        "counter",
+        "traces",
+        "idle traces kept open until a followed_by deadline passes",
+        ("stage",),
+    ),
     MetricSpec("betrace_live_traces", "gauge", "traces", "traces being assembled", ("stage",)),
     MetricSpec(
         "betrace_signals_total", "counter", "signals", "signals emitted", ("stage", "rule", "severity")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from betrace.agents.assembly import assembler as asm_mod
 from betrace.agents.assembly.assembler import DECISIONS_TABLE, TRACES_TABLE, ClosedTraces, TraceAssembler
@@ -382,3 +383,51 @@ def test_sequence_state_survives_its_json_form_and_caps_what_it_keeps() -> None:
     into.merge(cover)
     assert into.lost == 5 and len(into.pending) <= sq.MAX_PENDING and into.violated
     assert len(into.cover) == sq.MAX_COVER and into.joined == 3
+
+
+def _at(table: pa.Table, start_ns: int) -> pa.Table:
+    """``table`` with its spans moved to start at ``start_ns`` (one ns apart, as built)."""
+    starts = pc.add(table.column("start_ns"), start_ns)
+    ends = pc.add(table.column("end_ns"), start_ns)
+    table = table.set_column(table.schema.get_field_index("start_ns"), "start_ns", starts)
+    return table.set_column(table.schema.get_field_index("end_ns"), "end_ns", ends)
+
+
+def test_an_idle_trace_waits_for_its_followed_by_deadline_before_it_is_judged() -> None:
+    """The verdict is decided when the deadline passes, not when the trace goes idle early."""
+    rule = compile_rule(
+        Rule(
+            id="audit",
+            tenant="t",
+            name="audited",
+            language="sequence",
+            expression="pii.access followed_by audit.log within 30s",
+        )
+    )
+    clock, hooks = Clock(), InMemoryHooks()
+    asm = make(clock, hooks, rules=[rule], idle_timeout_s=5.0, window_spans=10)
+    now_ns = int(clock.now * 1e9)
+    late_audit, never, windowed, windowed_never = "1" * 32, "2" * 32, "3" * 32, "4" * 32
+    asm.add(_at(spans(late_audit, ["pii.access", "x"]), now_ns), seq=0, offset=0)
+    asm.add(_at(spans(never, ["pii.access"]), now_ns), seq=1, offset=1)
+    asm.add(_at(spans(windowed, ["pii.access"] + ["x"] * 14), now_ns), seq=2, offset=2)
+    asm.add(_at(spans(windowed_never, ["x"] * 8 + ["pii.access"] * 6), now_ns), seq=5, offset=5)
+    tick(asm, clock)
+    closed = tick(asm, clock, 6.0)  # idle, but every deadline is 24 s ahead
+    assert closed.traces == 0 and asm.live_traces == 4
+    assert hooks.total("betrace_traces_held_total") == 4
+    # 10 s later the audit log comes: the first trace passes once idle again.
+    audit = _at(spans(late_audit, ["audit.log"], start=10), now_ns + 10 * 10**9)
+    asm.add(audit, seq=3, offset=3)
+    asm.add(_at(spans(windowed, ["audit.log"], start=20), now_ns + 10 * 10**9), seq=4, offset=4)
+    tick(asm, clock, 4.0)
+    out = tick(asm, clock, 6.0)
+    assert out.traces == 2 and not out.signals  # late_audit forwarded whole, windowed judged here
+    assert set(out.spans.column("trace_id").to_pylist()) == {late_audit}
+    out = tick(asm, clock, 10.0)  # 26 s after the pii access: still no verdict for `never`
+    assert out is None or out.traces == 0
+    out = tick(asm, clock, 5.0)  # 31 s: the deadlines passed, the traces close
+    assert out.traces == 2
+    assert set(out.spans.column("trace_id").to_pylist()) == {never}
+    assert [(d["trace_id"], len(d["span_ids"])) for d in out.signals] == [(windowed_never, 6)]
+    assert [v.trace_id for v in rule.evaluate(out.spans)] == [never]  # the evaluate stage's verdict

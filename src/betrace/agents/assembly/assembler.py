@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from betrace.agents.assembly import summary as sm
+from betrace.agents.assembly.sequence import window_states
 from betrace.agents.assembly.shared import fold_tenants
 from betrace.agents.assembly.state import (
     EMPTY,
@@ -47,6 +48,7 @@ from betrace.agents.assembly.state import (
 from betrace.agents.evaluate import signal_id
 from betrace.config.settings import AssemblyPolicy
 from betrace.metrics import StageHooks
+from betrace.rules.engine import CompiledSequenceRule
 from betrace.streams.schemas import SIGNAL_SCHEMA_VERSION
 from betrace.streams.topics import partition_of
 
@@ -222,6 +224,7 @@ class TraceAssembler:
             trace.spans += size
             trace.bytes += int(per_row * size)
             trace.last_seen = now
+            trace.hold_until = 0.0  # a new span may be the B it waited for: judge it afresh
             trace.hw = max(trace.hw, src)
             if trace.dirty_since is None:
                 trace.dirty_since = now
@@ -289,7 +292,9 @@ class TraceAssembler:
             for trace_id, trace in traces.items():
                 if trace.last_seen > idle_before:
                     break
-                due.setdefault(trace_id, "idle")
+                if trace.hold_until <= now:
+                    due.setdefault(trace_id, "idle")
+        self._hold_for_deadlines(due, now)
         if self._all and now - self._min_age >= next(iter(self._all.values())).first_seen:
             for trace_id, trace in self._all.items():
                 if trace.first_seen > now - self._min_age:
@@ -316,6 +321,51 @@ class TraceAssembler:
                     due[trace_id] = "live_limit"
                     excess -= 1
         return due
+
+    def _hold_for_deadlines(self, due: dict[str, Cause], now: float) -> None:
+        """Keep idle traces open while a ``followed_by`` verdict still depends on spans to come.
+
+        A trace waits, per rule, until its earliest unmatched A span's deadline: from then
+        on that violation is certain. Its folded windows count (their summary) as well as
+        the rows held. Limits and the maximum age still close it.
+        """
+        rules: dict[str, list[CompiledSequenceRule]] = {}
+        by_tenant: dict[str, list[OpenTrace]] = {}
+        for trace_id, cause in due.items():
+            if cause == "idle":
+                trace = self._all[trace_id]
+                if trace.tenant not in rules:
+                    rules[trace.tenant] = [
+                        c for c in self._rules(trace.tenant) if isinstance(c, CompiledSequenceRule)
+                    ]
+                if rules[trace.tenant]:
+                    by_tenant.setdefault(trace.tenant, []).append(trace)
+        now_ns = int(now * 1e9)
+        for tenant, traces in by_tenant.items():
+            rows = gather([p for t in traces for p in ([piece(t.overlap)] if t.windows else []) + t.chunks])
+            hold = dict.fromkeys((t.trace_id for t in traces), 0)
+            for compiled in rules[tenant]:
+                ctx = compiled.context(rows)
+                ids = ctx.trace_ids.to_pylist()
+                states = window_states(compiled.program, ctx, ctx.all_true)
+                found = {ids[code]: state for code, state in states.items()}
+                key, within = sm.rule_key(compiled), compiled.program.ast.within_ns
+                for trace in traces:
+                    state = found.get(trace.trace_id)
+                    summary = trace.summaries.get(key) if trace.windows else None
+                    if summary is not None and summary.seq is not None:
+                        earlier = summary.seq.copy()  # what the folded windows left, not changed here
+                        if state is not None:
+                            earlier.merge(state)
+                        state = earlier
+                    at = state.earliest_deadline(within) if state is not None else None
+                    if at is not None:
+                        hold[trace.trace_id] = max(hold[trace.trace_id], at)
+            for trace in traces:
+                if hold[trace.trace_id] > now_ns:
+                    trace.hold_until = hold[trace.trace_id] / 1e9
+                    del due[trace.trace_id]
+                    self.hooks.count("betrace_traces_held_total", stage=STEP_ID)
 
     def _fold(
         self, windows: list[_Window], summaries: dict[str, sm.Summaries], skip: dict[str, Cause]

@@ -118,6 +118,8 @@ class OpenTrace:
     dirty_since: float | None = None
     hw: int = -1
     windows: int = 0
+    #: Idle, but a ``followed_by`` deadline is still ahead: not closed before this (wall clock).
+    hold_until: float = 0.0
     spans: int = 0
     bytes: int = 0
     summaries: Summaries = field(default_factory=dict)
