@@ -1,9 +1,11 @@
 """Trace assembly in isolation: throughput, memory of many live traces, one huge trace.
 
     .venv/bin/python benchmarks/bench_assembly.py [--live 100000] [--huge 1000000] [--steady 0]
+        [--sequence 'pii.access followed_by audit.log within 30s' ...]
 
-Runs the assembler in-process (no Kafka), with the demo rules, on synthetic
-Arrow batches, and prints spans/s and RSS figures for benchmarks/RESULTS.md,
+Runs the assembler in-process (no Kafka), with the demo rules (plus any
+``--sequence`` rule), on synthetic Arrow batches, and prints spans/s and RSS
+figures for benchmarks/RESULTS.md,
 with the worker's GC policy (``--default-gc``: CPython's).
 The live figures include building the batches; ``--steady N`` (an extra
 measurement) feeds N pre-built messages as a continuous stream instead.
@@ -22,11 +24,15 @@ from betrace.agents.assembly.assembler import TraceAssembler
 from betrace.agents.gc_policy import tune_gc
 from betrace.config import load_settings
 from betrace.metrics import InMemoryHooks
+from betrace.rules.engine import compile_rule
 from betrace.rules.loader import load_rules
+from betrace.rules.model import CompiledRule, Rule
 from betrace.streams.schemas import SPAN_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["http.request", "auth.verify", "db.query", "pii.access", "audit.log"]
+#: Extra rules of tenant "acme" (``--sequence``).
+EXTRA: list[CompiledRule] = []
 
 
 def rss_mib() -> float:
@@ -74,6 +80,7 @@ def assembler(clock: Clock, *, live_limit: int, decision_cache_s: float = 300.0)
         decision_cache_s=decision_cache_s,
     )
     rules = load_rules(settings.rules_dir)
+    acme = [*rules.for_tenant("acme"), *EXTRA]
     return TraceAssembler(
         idle_timeout_s=settings.idle_timeout_s,
         max_trace_age_s=settings.max_trace_age_s,
@@ -81,7 +88,7 @@ def assembler(clock: Clock, *, live_limit: int, decision_cache_s: float = 300.0)
         hooks=InMemoryHooks(),
         clock=clock,
         policy=settings.assembly_policy,
-        rules_for=rules.for_tenant,
+        rules_for=lambda tenant: acme if tenant == "acme" else rules.for_tenant(tenant),
         checkpoint_interval_s=settings.checkpoint_interval_s,
         decision_cache_max=settings.decision_cache_max_traces,
         partitions=4,
@@ -168,7 +175,18 @@ def main() -> None:
     parser.add_argument(
         "--default-gc", action="store_true", help="keep CPython's GC thresholds (the worker tunes them)"
     )
+    parser.add_argument(
+        "--sequence",
+        action="append",
+        default=[],
+        metavar="EXPR",
+        help="add a sequence rule for the tenant, e.g. 'db.query followed_by pii.access within 1ns'",
+    )
     args = parser.parse_args()
+    for i, expression in enumerate(args.sequence):
+        rule = Rule(id=f"seq{i}", tenant="acme", name=expression, language="sequence", expression=expression)
+        EXTRA.append(compile_rule(rule))
+        print(f"rule seq{i}: {expression}")
     if not args.default_gc:
         tune_gc()
     print(f"start RSS {rss_mib():.0f} MiB")

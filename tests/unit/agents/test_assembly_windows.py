@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pyarrow as pa
@@ -382,7 +383,26 @@ def test_sequence_state_survives_its_json_form_and_caps_what_it_keeps() -> None:
     into.merge(many)
     into.merge(cover)
     assert into.lost == 5 and len(into.pending) <= sq.MAX_PENDING and into.violated
-    assert len(into.cover) == sq.MAX_COVER and into.joined == 3
+    assert len(into.cover) == sq.MAX_COVER // 2
+    assert into.joined == sq.MAX_COVER + 3 - sq.MAX_COVER // 2
+    # Joining only ever widens the cover: every B interval is still covered.
+    assert all(sq._covered(into.cover, lo) and sq._covered(into.cover, hi) for lo, hi in cover.cover)
+
+
+def test_sequence_cover_is_the_union_of_its_intervals() -> None:
+    from betrace.agents.assembly import sequence as sq
+
+    rng = random.Random(3)
+    for _ in range(200):
+        intervals = [
+            (lo, lo + rng.randint(0, 8)) for lo in (rng.randint(0, 100) for _ in range(rng.randint(1, 12)))
+        ]
+        state = sq.SeqState()
+        for lo, hi in intervals:
+            state.merge(sq.SeqState(cover=[[lo, hi]]))
+        assert all(a[1] + 1 < b[0] for a, b in itertools.pairwise(state.cover))  # sorted, disjoint
+        for t in range(-2, 112):
+            assert sq._covered(state.cover, t) == any(lo <= t <= hi for lo, hi in intervals), (intervals, t)
 
 
 def _at(table: pa.Table, start_ns: int) -> pa.Table:

@@ -18,7 +18,7 @@ exactly when some A span was never followed, as on the whole trace.
 
 Both lists are capped (:data:`MAX_PENDING`, :data:`MAX_COVER`): beyond that
 the earliest pending A spans are counted as ``lost`` (judged unmatched) and the
-closest cover intervals are joined (judged followed). Both are counted in the
+closest cover intervals are joined, down to half the cap (judged followed). Both are counted in the
 state and named in the signal's message, never silent.
 """
 
@@ -72,21 +72,34 @@ class SeqState:
         return self.pending[0][0] + within_ns if self.pending else None
 
     def merge(self, other: SeqState) -> None:
-        """Fold ``other`` (windows this state has not seen) into this state."""
+        """Fold ``other`` (windows this state has not seen) into this state.
+
+        Per merge the work is about the size of ``other`` (a window's worth) plus
+        ``log`` of this state's: a million-span trace merges ten thousand windows.
+        """
         if other.cover and self.pending:
-            self.pending = [p for p in self.pending if not _covered(other.cover, p[0])]
+            # Only the pending anchors inside the other's cover span can be cleared.
+            first = bisect.bisect_left(self.pending, other.cover[0][0], key=_anchor)
+            last = bisect.bisect_right(self.pending, other.cover[-1][1], key=_anchor)
+            if first < last:
+                kept = [p for p in self.pending[first:last] if not _covered(other.cover, p[0])]
+                self.pending[first:last] = kept
         fresh = [p for p in other.pending if not _covered(self.cover, p[0])] if self.cover else other.pending
-        if fresh:
-            self.pending = sorted([*self.pending, *fresh], key=_anchor) if self.pending else list(fresh)
+        if len(fresh) <= 16:
+            for p in fresh:
+                bisect.insort(self.pending, list(p), key=_anchor)
+        else:
+            self.pending = sorted([*self.pending, *(list(p) for p in fresh)], key=_anchor)
         if len(self.pending) > MAX_PENDING:
             drop = len(self.pending) - MAX_PENDING
             self.lost += drop
             del self.pending[:drop]
-        if other.cover:
-            self.cover = _union(self.cover, other.cover) if self.cover else [list(c) for c in other.cover]
+        for lo, hi in other.cover:
+            _insert(self.cover, lo, hi)
         if len(self.cover) > MAX_COVER:
-            self.joined += len(self.cover) - MAX_COVER
-            self.cover = _join_closest(self.cover, MAX_COVER)
+            # Down to half the cap at once, so that joining is rare, not every merge.
+            self.joined += len(self.cover) - MAX_COVER // 2
+            self.cover = _join_closest(self.cover, MAX_COVER // 2)
         self.lost += other.lost
         self.joined += other.joined
 
@@ -157,18 +170,25 @@ def _anchor(pending: list[Any]) -> int:
 
 
 def _covered(cover: list[list[int]], t: int) -> bool:
-    i = bisect.bisect_right(cover, t, key=lambda c: c[0]) - 1
+    i = bisect.bisect_right(cover, t, key=_lo) - 1
     return i >= 0 and t <= cover[i][1]
 
 
-def _union(a: list[list[int]], b: list[list[int]]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for lo, hi in sorted([*a, *b]):
-        if out and lo <= out[-1][1] + 1:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return out
+def _insert(cover: list[list[int]], lo: int, hi: int) -> None:
+    """Add ``[lo, hi]`` to sorted, disjoint ``cover``, joining what it overlaps or touches."""
+    i = bisect.bisect_left(cover, lo, key=_lo)
+    if i > 0 and cover[i - 1][1] + 1 >= lo:
+        i -= 1
+        lo = cover[i][0]
+    j = i
+    while j < len(cover) and cover[j][0] <= hi + 1:
+        hi = max(hi, cover[j][1])
+        j += 1
+    cover[i:j] = [[lo, hi]]
+
+
+def _lo(interval: list[int]) -> int:
+    return interval[0]
 
 
 def _join_closest(cover: list[list[int]], keep: int) -> list[list[int]]:
