@@ -342,7 +342,7 @@ class IngestionRun:
         self._saved = False
         # A worker cancelled mid-checkpoint finishes while the executor thread still saves;
         # two in-process writers of one row make DuckDB refuse both ("Conflict on update").
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         try:

@@ -281,18 +281,15 @@ def fold_windows(
         key = rule_key(compiled)
         if isinstance(compiled, CompiledDslRule):
             ctx = compiled.context(windows)
-            if not traces:
-                traces = [w.rpartition(WINDOW_SEP)[0] for w in ctx.trace_ids.to_pylist()]  # trace_of
+            traces = traces or _window_traces(ctx)
             _fold_dsl(compiled, key, ctx, traces, new=new, into=into)
         elif (query := _aggregate(compiled)) is not None:
             ctx = compiled.context(windows)  # type: ignore[attr-defined]  # a CompiledTraceQLRule
-            if not traces:
-                traces = [w.rpartition(WINDOW_SEP)[0] for w in ctx.trace_ids.to_pylist()]
+            traces = traces or _window_traces(ctx)
             _fold_aggregate(query, key, ctx, traces, new=new, into=into)
         elif isinstance(compiled, CompiledSequenceRule):
             ctx = compiled.context(windows)
-            if not traces:
-                traces = [w.rpartition(WINDOW_SEP)[0] for w in ctx.trace_ids.to_pylist()]
+            traces = traces or _window_traces(ctx)
             for code, part in window_states(compiled.program, ctx, new).items():
                 summary = into.setdefault(traces[code], {}).setdefault(key, RuleSummary())
                 add_sequence(summary, part)
@@ -303,6 +300,11 @@ def fold_windows(
                 room = MAX_EVIDENCE - len(summary.evidence)
                 if room > 0:
                     summary.evidence.extend(violation.span_ids[:room])
+
+
+def _window_traces(ctx: BatchContext) -> list[str]:
+    """Per window (trace code of ``ctx``): its trace (:func:`trace_of`, without a call each)."""
+    return [w.rpartition(WINDOW_SEP)[0] for w in ctx.trace_ids.to_pylist()]
 
 
 def add_sequence(summary: RuleSummary, part: SeqState) -> None:
