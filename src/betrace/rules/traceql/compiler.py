@@ -33,25 +33,35 @@ class Spanset:
 
 
 SpansetFn = Callable[[BatchContext, Spanset], Spanset]
+#: How a span filter becomes a mask: by default its predicate over the batch's columns.
+Leaf = Callable[[ast.Filter], Callable[[BatchContext], pa.Array]]
 
 
-def compile_pipeline(node: ast.SpansetExpr) -> Callable[[BatchContext], Spanset]:
-    """Compile a query; the result maps a batch to the final spanset."""
-    run = _compile(node)
+def _predicate(node: ast.Filter) -> Callable[[BatchContext], pa.Array]:
+    return f.compile_predicate(node.expr)
+
+
+def compile_pipeline(node: ast.SpansetExpr, leaf: Leaf = _predicate) -> Callable[[BatchContext], Spanset]:
+    """Compile a query; the result maps a batch to the final spanset.
+
+    ``leaf`` lets the assembler run the same query over a trace's kept tree, whose
+    filter masks were computed when its windows were folded (``assembly/tree.py``).
+    """
+    run = _compile(node, leaf)
     return lambda ctx: run(ctx, Spanset(ctx.all_true))
 
 
-def _compile(node: ast.SpansetExpr) -> SpansetFn:
+def _compile(node: ast.SpansetExpr, leaf: Leaf) -> SpansetFn:
     match node:
         case ast.Filter(expr=f.Const(value=True)):
             return lambda ctx, current: current
-        case ast.Filter(expr=expr):
-            predicate = f.compile_predicate(expr)
+        case ast.Filter():
+            predicate = leaf(node)
             return lambda ctx, current: Spanset(pc.and_(current.mask, predicate(ctx)), current.grouping)
         case ast.SpansetOp(op=op, left=left, right=right):
-            return _compile_op(op, _compile(left), _compile(right))
+            return _compile_op(op, _compile(left, leaf), _compile(right, leaf))
         case ast.Pipeline(stages=stages):
-            steps = [_compile_stage(stage) for stage in stages]
+            steps = [_compile_stage(stage, leaf) for stage in stages]
 
             def pipeline(ctx: BatchContext, current: Spanset) -> Spanset:
                 for step in steps:
@@ -76,7 +86,7 @@ def _compile_op(op: str, left: SpansetFn, right: SpansetFn) -> SpansetFn:
     return lambda ctx, current: Spanset(relation(ctx, left(ctx, current).mask, right(ctx, current).mask))
 
 
-def _compile_stage(stage: ast.Stage) -> SpansetFn:
+def _compile_stage(stage: ast.Stage, leaf: Leaf) -> SpansetFn:
     match stage:
         case ast.NoOp():
             return lambda ctx, current: current
@@ -85,7 +95,7 @@ def _compile_stage(stage: ast.Stage) -> SpansetFn:
         case ast.AggregateFilter(op=op, left=left, right=right):
             return _compile_aggregate_filter(op, left, right)
         case _:
-            return _compile(stage)
+            return _compile(stage, leaf)
 
 
 def _compile_by(expr: f.Expr) -> SpansetFn:
