@@ -189,6 +189,9 @@ class Pipeline:
                 key_type=bytes,
                 value_type=bytes,
                 on_recover=self._restore_state,
+                # A long trace's entry carries its structural trees (assembly/tree.py): up to
+                # ~360 KB per structural rule, past the broker's 1 MB default.
+                extra_topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)},
             )
             for name in ((TRACES_TABLE, DECISIONS_TABLE) if self.downstream else ())
         }

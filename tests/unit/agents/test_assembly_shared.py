@@ -36,6 +36,13 @@ PACK = [
         language="sequence",
         expression="pii.access followed_by audit.log within 5ns",
     ),
+    Rule(
+        id="tree",
+        tenant="-",
+        name="boom in a pii trace",
+        language="traceql",
+        expression='{ name = "boom" } && { name = "pii.access" }',
+    ),
 ]
 
 
@@ -86,7 +93,7 @@ def test_shared_programs_fold_exactly_like_per_tenant_over_two_windows() -> None
     assert shared == expected
     # Each tenant's own rule versions, nobody else's (a TraceQL filter keeps only violations,
     # an aggregate query its running totals, a sequence rule its pending A spans).
-    assert set(shared["3" * 32]) == {"pii@3", "db@3", "agg@3", "seq@3"}
+    assert set(shared["3" * 32]) == {"pii@3", "db@3", "agg@3", "seq@3", "tree@3"}
     assert sm.violated(RULES["a"][4], shared["1" * 32]["seq@1"])
     assert not sm.violated(RULES["a"][4], shared["2" * 32]["seq@1"])
     # Three db.query spans per pass: over the two passes, the aggregate query matches.
@@ -95,6 +102,10 @@ def test_shared_programs_fold_exactly_like_per_tenant_over_two_windows() -> None
     assert not sm.violated(RULES["b"][3], shared["4" * 32]["agg@3"])
     assert set(shared["5" * 32]) >= {"pii@1", "pii-copy@1", "own@1"}
     assert shared["1" * 32]["tq@1"].violated
+    # A structural query keeps the spans its filters pass (2 per pass) and is judged over them.
+    tree = shared["1" * 32]["tree@1"]
+    assert tree.violated and tree.tree is not None and tree.tree.spans == 4
+    assert not shared["3" * 32]["tree@3"].violated
     assert not any(s.violated for s in shared["2" * 32].values())
 
 

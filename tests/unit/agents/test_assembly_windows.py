@@ -7,6 +7,7 @@ import random
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pytest
 
 from betrace.agents.assembly import assembler as asm_mod
 from betrace.agents.assembly.assembler import DECISIONS_TABLE, TRACES_TABLE, ClosedTraces, TraceAssembler
@@ -451,3 +452,150 @@ def test_an_idle_trace_waits_for_its_followed_by_deadline_before_it_is_judged() 
     assert set(out.spans.column("trace_id").to_pylist()) == {never}
     assert [(d["trace_id"], len(d["span_ids"])) for d in out.signals] == [(windowed_never, 6)]
     assert [v.trace_id for v in rule.evaluate(out.spans)] == [never]  # the evaluate stage's verdict
+
+
+STRUCTURAL_QUERIES = [
+    '{ name = "a" } >> { name = "b" }',
+    '{ name = "a" } > { name = "c" }',
+    '{ name = "c" } < { name = "b" }',
+    '{ name = "b" } ~ { name = "c" }',
+    '{ name = "a" } && { name = "c" }',
+    '{ name = "b" } << { name = "a" }',
+    '{ name = "a" } !> { name = "c" }',
+    '({ name = "a" } >> { name = "b" }) | count() > 2',
+    '{ } > { name = "c" }',
+]
+
+
+def tree_trace(trace: str, rng: random.Random) -> pa.Table:
+    """A random span tree; the parent of span i is an earlier span, so roots are few."""
+    n = rng.randint(60, 200)
+    weights = [rng.choice([0, 1, 4]), rng.choice([0, 2, 6]), rng.choice([0, 1, 3]), 30]
+    names = rng.choices(["a", "b", "c", "noise"], weights, k=n)
+    table = spans(trace, names)
+    ids = table.column("span_id").to_pylist()
+    parents = [None] + [ids[rng.randrange(i)] for i in range(1, n)]
+    return table.set_column(
+        table.schema.get_field_index("parent_span_id"), "parent_span_id", pa.array(parents)
+    )
+
+
+def test_structural_traceql_over_many_windows_matches_the_whole_trace() -> None:
+    """Parents and children land in windows far apart, yet the verdict is the whole trace's."""
+    rules = [
+        compile_rule(Rule(id=f"tree{i}", tenant="t", name=q, language="traceql", expression=q))
+        for i, q in enumerate(STRUCTURAL_QUERIES)
+    ]
+    rng = random.Random(7)
+    traces = {f"{i:032x}": tree_trace(f"{i:032x}", rng) for i in range(1, 41)}
+    expected = {
+        (c.rule.id, v.trace_id) for c in rules for table in traces.values() for v in c.evaluate(table)
+    }
+    for c in rules:  # not vacuous: each query matches some traces and not others
+        matched = {t for rule_id, t in expected if rule_id == c.rule.id}
+        assert 0 < len(matched) < len(traces), c.rule.expression
+    for window_spans in (10, 37):
+        clock, hooks = Clock(), InMemoryHooks()
+        asm = make(clock, hooks, rules=rules, window_spans=window_spans)
+        seq, closed, signals = 0, 0, []
+        for table in traces.values():
+            shuffled = table.take(pa.array(rng.sample(range(table.num_rows), table.num_rows)))
+            at = 0
+            while at < shuffled.num_rows:
+                size = rng.randint(1, 30)
+                asm.add(shuffled.slice(at, size), seq=seq, offset=seq)
+                seq, at = seq + 1, at + size
+                out = tick(asm, clock, 0.01)
+                closed, signals = closed + out.traces, signals + out.signals
+                assert out.spans.num_rows == 0  # every trace was judged from its summaries
+        out = tick(asm, clock, 10)
+        closed, signals = closed + out.traces, signals + out.signals
+        assert closed == len(traces)
+        assert {(d["rule_id"], d["trace_id"]) for d in signals} == expected, window_spans
+        whole = {
+            (c.rule.id, v.trace_id): set(v.span_ids)
+            for c in rules
+            for table in traces.values()
+            for v in c.evaluate(table)
+        }
+        for doc in signals:  # the evidence: spans of the whole trace's match
+            assert doc["span_ids"]
+            assert set(doc["span_ids"]) <= whole[(doc["rule_id"], doc["trace_id"])]
+            assert "the whole trace" in doc["message"]
+
+
+def test_a_late_parent_turns_a_structural_verdict_exactly_once() -> None:
+    """The root arrives after its trace was judged: ``>>`` now matches, ``!>`` stops matching."""
+    rules = [
+        compile_rule(Rule(id="below", tenant="t", name="x", language="traceql", expression=q))
+        for q in ['{ name = "root" } >> { name = "db" }']
+    ] + [
+        compile_rule(Rule(id="orphan", tenant="t", name="y", language="traceql", expression=q))
+        for q in ['{ name = "root" } !> { name = "mid" }']
+    ]
+    clock, hooks = Clock(), InMemoryHooks()
+    asm = make(clock, hooks, rules=rules)
+    table = spans(T1, ["root", "mid", *(["noise"] * 30), "db"])
+    ids = table.column("span_id").to_pylist()
+    parents = [None, ids[0]] + [ids[1]] * (table.num_rows - 2)
+    table = table.set_column(
+        table.schema.get_field_index("parent_span_id"), "parent_span_id", pa.array(parents)
+    )
+    asm.add(table.slice(1), seq=0, offset=0)  # everything but the root
+    out = tick(asm, clock, 10)
+    # Forwarded whole to the evaluate stage, which finds "mid" without its root parent.
+    assert out.spans.num_rows == table.num_rows - 1
+    assert {(c.rule.id, v.trace_id) for c in rules for v in c.evaluate(out.spans)} == {("orphan", T1)}
+    asm.add(table.slice(0, 1), seq=1, offset=1)
+    late = tick(asm, clock, 0.1)
+    assert rules_of(late) == {("below", T1)}  # a new violation; "orphan" is not repeated
+    asm.add(table.slice(0, 1), seq=2, offset=2)
+    assert rules_of(tick(asm, clock, 0.1)) == set()  # a replayed root changes nothing
+
+
+def test_tree_state_survives_its_json_form_and_caps_what_it_keeps() -> None:
+    from betrace.agents.assembly import tree as tr
+    from betrace.agents.assembly.state import _summaries_from
+    from betrace.agents.assembly.summary import RuleSummary, summaries_json
+
+    state = tr.TreeState()
+    n = tr.MAX_TREE_SPANS + 5
+    state.extend("0123456789abcdef" * n, "-" * 16 * n, bytes([1]) * n)
+    assert (state.spans, state.lost) == (tr.MAX_TREE_SPANS, 5)
+    again = _summaries_from(summaries_json({"k": RuleSummary(tree=state)}))["k"].tree
+    assert again == state
+    merged = again.copy()
+    merged.merge(state)
+    assert (merged.spans, merged.lost) == (tr.MAX_TREE_SPANS, 5 + n)
+
+
+def test_past_the_tree_cap_later_windows_are_judged_alone_and_the_signal_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from betrace.agents.assembly import tree as tr
+
+    monkeypatch.setattr(tr, "MAX_TREE_SPANS", 20)
+    rule = compile_rule(
+        Rule(
+            id="below",
+            tenant="t",
+            name="x",
+            language="traceql",
+            expression='{ name = "a" } >> { name = "b" }',
+        )
+    )
+    clock, hooks = Clock(), InMemoryHooks()
+    asm = make(clock, hooks, rules=[rule])
+    table = spans(T1, [*(["noise"] * 30), "a", "b"])
+    ids = table.column("span_id").to_pylist()
+    parents = [None] * 31 + [ids[30]]
+    table = table.set_column(
+        table.schema.get_field_index("parent_span_id"), "parent_span_id", pa.array(parents)
+    )
+    for i in range(0, table.num_rows, 4):
+        asm.add(table.slice(i, 4), seq=i, offset=i)
+        tick(asm, clock, 0.01)
+    out = tick(asm, clock, 10)
+    assert out.spans.num_rows == 0
+    (doc,) = out.signals
+    assert "past the cap judged per window" in doc["message"]

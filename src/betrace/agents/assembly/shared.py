@@ -60,9 +60,31 @@ def fold_tenants(
             continue
         if tenant_of is None:
             tenant_of = _tenant_of_traces(windows)
-        found: dict[str, sm.Summaries] = {}
-        sm.fold_windows(members[:1], part[0], part[1], found)
-        _share(members, found, tenant_of, into)
+        _fold_shared(members, part, tenant_of, into)
+
+
+def _fold_shared(
+    members: list[CompiledRule],
+    part: tuple[pa.Table, pa.Array],
+    tenant_of: dict[str, str],
+    into: dict[str, sm.Summaries],
+) -> None:
+    """Fold one program once for all ``members``, then give each its share."""
+    keys = [sm.rule_key(c) for c in members]
+
+    def full(trace_id: str) -> bool:  # a member's tree of the trace is at its cap
+        per_rule = into.get(trace_id, {})
+        return any(
+            (s := per_rule.get(k)) is not None and s.tree is not None and s.tree.lost > 0 for k in keys
+        )
+
+    found: dict[str, sm.Summaries] = {}
+    sm.fold_windows(members[:1], part[0], part[1], found, settle=False, full=full)
+    _share(members, found, tenant_of, into)
+    structural = sm.tree_query(members[0])
+    if structural is not None:
+        for key in keys:  # each version's tree may hold more than this tick
+            sm.settle_trees(structural, key, found, into)
 
 
 def _tenant_of_traces(windows: pa.Table) -> dict[str, str]:
@@ -101,6 +123,7 @@ def _merge(target: sm.Summaries, key: str, s: sm.RuleSummary) -> None:
             evidence=list(s.evidence),
             agg=None if s.agg is None else list(s.agg),
             seq=None if s.seq is None else s.seq.copy(),
+            tree=None if s.tree is None else s.tree.copy(),
         )
         return
     if s.counts is not None:
@@ -113,6 +136,12 @@ def _merge(target: sm.Summaries, key: str, s: sm.RuleSummary) -> None:
             cur.agg = list(s.agg)
         else:
             sm.add_totals(cur.agg, s.agg)
+    if s.tree is not None:  # its verdict is settled after the merge
+        if cur.tree is None:
+            cur.tree = s.tree.copy()
+        else:
+            cur.tree.merge(s.tree)
+        return
     cur.violated = cur.violated or s.violated
     if s.seq is not None:
         sm.add_sequence(cur, s.seq)  # its evidence: the A spans still pending

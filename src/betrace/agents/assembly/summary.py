@@ -23,9 +23,15 @@ Exactness (see docs in the package ``__init__``):
 * ``sequence`` rules (``A followed_by B within T``) keep the cover of the B
   spans' start times and the A spans not yet followed (:mod:`.sequence`): exact
   for any trace length and any split into windows.
+* ``traceql`` queries with structure (``>>``, ``>``, ``<<``, ``<``, ``~``, their
+  negations and unions, ``&&``, ``||``, several filter stages, ``count()``
+  comparisons) keep the part of the span tree they need (:mod:`.tree`) and are
+  re-run over it: exact for any trace length up to its cap, when every filter is
+  a per-span predicate.
 * Other ``traceql`` rules keep one flag: violated in some window (window plus
-  overlap as context). Exact for span filters; structural relations, several
-  pipeline stages and ``trace:`` intrinsics only within window + overlap.
+  overlap as context). Exact for span filters; ``trace:`` intrinsics,
+  ``childCount``, ``by()`` and value aggregates after structure only within
+  window + overlap.
 """
 
 from __future__ import annotations
@@ -33,13 +39,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from betrace.agents.assembly import tree as tr
 from betrace.agents.assembly.sequence import SeqState, window_states
 from betrace.rules import fields as fx
 from betrace.rules.batch import BatchContext
@@ -76,6 +83,7 @@ class RuleSummary:
     #: TraceQL aggregate queries: [filter spans, values, sum, min, max] (see :class:`_AggregateQuery`).
     agg: list[float | None] | None = None
     seq: SeqState | None = None  # sequence rules (see :mod:`.sequence`)
+    tree: tr.TreeState | None = None  # structural TraceQL (see :mod:`.tree`); ``violated`` is its verdict
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> RuleSummary:
@@ -85,6 +93,7 @@ class RuleSummary:
             evidence=list(doc.get("e") or ()),
             agg=doc.get("a"),
             seq=SeqState.from_json(doc["s"]) if doc.get("s") else None,
+            tree=tr.TreeState.from_json(doc["t"]) if doc.get("t") else None,
         )
 
 
@@ -97,7 +106,14 @@ def summaries_json(summaries: Summaries) -> dict[str, Any]:
     One comprehension, no call per rule: this runs for every closed trace.
     """
     return {
-        k: {"c": s.counts, "v": s.violated, "e": s.evidence, "a": s.agg, "s": s.seq and s.seq.as_json()}
+        k: {
+            "c": s.counts,
+            "v": s.violated,
+            "e": s.evidence,
+            "a": s.agg,
+            "s": s.seq and s.seq.as_json(),
+            **({"t": s.tree.as_json()} if s.tree is not None else {}),  # most rules have none
+        }
         for k, s in summaries.items()
     }
 
@@ -239,10 +255,18 @@ def _aggregate(compiled: CompiledRule) -> _AggregateQuery | None:
     return _per_rule(_aggregates_cache, compiled, _AggregateQuery.of)
 
 
+def tree_query(compiled: CompiledRule) -> tr.TreeQuery | None:
+    """The structural query of ``compiled`` when it is judged from trees (:mod:`.tree`)."""
+    if _aggregate(compiled) is not None:
+        return None
+    return _per_rule(_trees_cache, compiled, tr.TreeQuery.of)
+
+
 _T = TypeVar("_T")
 #: Per compiled rule (by identity; rule reloads replace compiled objects): its derived query.
 _aggregates_cache: dict[int, tuple[CompiledRule, Any]] = {}
 _leaves_cache: dict[int, tuple[CompiledRule, Any]] = {}
+_trees_cache: dict[int, tuple[CompiledRule, Any]] = {}
 
 
 def _per_rule(cache: dict[int, tuple[CompiledRule, Any]], compiled: Any, build: Callable[[Any], _T]) -> _T:
@@ -271,9 +295,20 @@ def trace_of(window_id: str) -> str:
 
 
 def fold_windows(
-    compiled_rules: list[CompiledRule], windows: pa.Table, new: pa.Array, into: dict[str, Summaries]
+    compiled_rules: list[CompiledRule],
+    windows: pa.Table,
+    new: pa.Array,
+    into: dict[str, Summaries],
+    *,
+    settle: bool = True,
+    full: Callable[[str], bool] | None = None,
 ) -> None:
-    """Add the windows in ``windows`` (one tenant) to the per-trace summaries in ``into``."""
+    """Add the windows in ``windows`` (one tenant) to the per-trace summaries in ``into``.
+
+    ``settle=False`` leaves the verdicts of structural queries to the caller
+    (:func:`settle_trees`), for summaries that are merged elsewhere first; ``full``
+    then says which traces' trees are at their cap (see :func:`.tree.fold`).
+    """
     if windows.num_rows == 0 or not compiled_rules:
         return
     traces: list[str] = []  # per window (trace code of the batch context): its trace
@@ -293,6 +328,34 @@ def fold_windows(
             for code, part in window_states(compiled.program, ctx, new).items():
                 summary = into.setdefault(traces[code], {}).setdefault(key, RuleSummary())
                 add_sequence(summary, part)
+        elif (structural := tree_query(compiled)) is not None:
+            ctx = compiled.context(windows)  # type: ignore[attr-defined]  # a CompiledTraceQLRule
+            traces = traces or _window_traces(ctx)
+
+            def tree_of(trace_id: str, key: str = key) -> tr.TreeState:
+                per_rule = into.get(trace_id)
+                if per_rule is None:
+                    per_rule = into[trace_id] = {}
+                summary = per_rule.get(key)
+                if summary is None:
+                    tree = tr.TreeState()
+                    per_rule[key] = RuleSummary(tree=tree)
+                    return tree
+                if summary.tree is None:
+                    summary.tree = tr.TreeState()
+                return summary.tree
+
+            touched = tr.fold(
+                structural,
+                compiled,  # type: ignore[arg-type]  # a CompiledTraceQLRule
+                ctx,
+                traces=traces,
+                new=new,
+                tree_of=tree_of,
+                full=full,
+            )
+            if settle:
+                settle_trees(structural, key, touched, into)
         else:
             for violation in compiled.evaluate(windows):
                 summary = into.setdefault(trace_of(violation.trace_id), {}).setdefault(key, RuleSummary())
@@ -300,6 +363,20 @@ def fold_windows(
                 room = MAX_EVIDENCE - len(summary.evidence)
                 if room > 0:
                     summary.evidence.extend(violation.span_ids[:room])
+
+
+def settle_trees(query: tr.TreeQuery, key: str, traces: Iterable[str], into: dict[str, Summaries]) -> None:
+    """Judge ``traces`` for one structural rule from their whole trees (:func:`.tree.settle`)."""
+    summaries, trees = [], []
+    for trace_id in traces:
+        summary = into[trace_id].get(key) if trace_id in into else None
+        if summary is not None and summary.tree is not None:
+            summaries.append(summary)
+            trees.append(summary.tree)
+    verdicts = tr.settle(query, trees, MAX_EVIDENCE)
+    for summary, (hit, evidence) in zip(summaries, verdicts, strict=True):
+        # Not sticky: ``!>`` and friends can stop matching when a missing span arrives.
+        summary.violated, summary.evidence = hit, evidence
 
 
 def _window_traces(ctx: BatchContext) -> list[str]:
@@ -418,6 +495,18 @@ def message(compiled: CompiledRule, windows: int, summary: RuleSummary | None = 
         return f"{' / '.join(parts)}: violated over {windows} window(s)"
     if _aggregate(compiled) is not None:
         return f"TraceQL query matched over {windows} window(s): {' '.join(compiled.rule.expression.split())}"
+    if summary is not None and summary.tree is not None:
+        tree = summary.tree
+        scope = f"the whole trace ({tree.spans} span(s) kept)"
+        if tree.lost:
+            scope = (
+                f"the first {tree.spans} kept span(s); {tree.lost} later span(s) past the cap"
+                " judged per window"
+            )
+        return (
+            f"TraceQL query matched over {scope}, {windows} window(s):"
+            f" {' '.join(compiled.rule.expression.split())}"
+        )
     if isinstance(compiled, CompiledSequenceRule):
         return f"{compiled.program.message()} ({_unmatched(summary)} over {windows} window(s))"
     return f"{compiled.rule.language} rule matched in a window ({windows} window(s) evaluated)"
