@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/bench_assembly.py [--live 100000] [--huge 1000000] [--steady 0]
         [--sequence 'pii.access followed_by audit.log within 30s' ...]
+        [--traceql '{ name = "db.query" } >> { name = "pii.access" }' ...]
 
 Runs the assembler in-process (no Kafka), with the demo rules (plus any
-``--sequence`` rule), on synthetic Arrow batches, and prints spans/s and RSS
+``--sequence`` or ``--traceql`` rule), on synthetic Arrow batches, and prints spans/s and RSS
 figures for benchmarks/RESULTS.md,
 with the worker's GC policy (``--default-gc``: CPython's).
 The live figures include building the batches; ``--steady N`` (an extra
@@ -31,7 +32,7 @@ from betrace.streams.schemas import SPAN_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["http.request", "auth.verify", "db.query", "pii.access", "audit.log"]
-#: Extra rules of tenant "acme" (``--sequence``).
+#: Extra rules of tenant "acme" (``--sequence``, ``--traceql``).
 EXTRA: list[CompiledRule] = []
 
 
@@ -119,6 +120,11 @@ def bench_live(live: int, decision_cache_s: float) -> None:
     close_s = time.perf_counter() - started
     n = closed.traces if closed else 0
     print(f"close: {n} traces ({n * 20} spans) closed and judged in {close_s:.2f}s")
+    if closed and n:
+        written = sum(len(w.value or b"") for w in closed.writes)
+        print(
+            f"close: state changelog {written / n:,.0f} bytes per closed trace; RSS {rss_mib():.0f} MiB total"
+        )
     total = live * 20
     print(f"throughput (add + close, with demo rules): {total / (add_s + close_s):,.0f} spans/s on one core")
 
@@ -182,11 +188,23 @@ def main() -> None:
         metavar="EXPR",
         help="add a sequence rule for the tenant, e.g. 'db.query followed_by pii.access within 1ns'",
     )
+    parser.add_argument(
+        "--traceql",
+        action="append",
+        default=[],
+        metavar="EXPR",
+        help='add a TraceQL rule for the tenant, e.g. \'{ name = "db.query" } >> { name = "pii.access" }\'',
+    )
     args = parser.parse_args()
-    for i, expression in enumerate(args.sequence):
-        rule = Rule(id=f"seq{i}", tenant="acme", name=expression, language="sequence", expression=expression)
-        EXTRA.append(compile_rule(rule))
-        print(f"rule seq{i}: {expression}")
+    for language, expressions in (("sequence", args.sequence), ("traceql", args.traceql)):
+        for i, expression in enumerate(expressions):
+            rule_id = f"{language[:3]}{i}"
+            EXTRA.append(
+                compile_rule(
+                    Rule(id=rule_id, tenant="acme", name=expression, language=language, expression=expression)
+                )
+            )
+            print(f"rule {rule_id}: {expression}")
     if not args.default_gc:
         tune_gc()
     print(f"start RSS {rss_mib():.0f} MiB")
