@@ -464,6 +464,13 @@ STRUCTURAL_QUERIES = [
     '{ name = "a" } !> { name = "c" }',
     '({ name = "a" } >> { name = "b" }) | count() > 2',
     '{ } > { name = "c" }',
+    # Reading the trace or the span's children: whole-trace values, not the window's.
+    "{ trace:duration > 150ns }",
+    '{ trace:rootName = "noise" && name = "b" }',
+    '{ trace:rootName = "noise" } | count() > 100',
+    '{ trace:duration > 170ns || name = "c" }',
+    '{ childCount > 6 && name = "a" }',
+    '{ name = "b" } > { childCount = 0 && name = "c" }',
 ]
 
 
@@ -561,12 +568,16 @@ def test_tree_state_survives_its_json_form_and_caps_what_it_keeps() -> None:
     state = tr.TreeState()
     n = tr.MAX_TREE_SPANS + 5
     state.extend("0123456789abcdef" * n, "-" * 16 * n, bytes([1]) * n)
+    state.note_trace(5, 90, ("checkout", "web"))
     assert (state.spans, state.lost) == (tr.MAX_TREE_SPANS, 5)
     again = _summaries_from(summaries_json({"k": RuleSummary(tree=state)}))["k"].tree
     assert again == state
     merged = again.copy()
     merged.merge(state)
     assert (merged.spans, merged.lost) == (tr.MAX_TREE_SPANS, 5 + n)
+    later = tr.TreeState(start=1, end=50, root=("late-root", "svc"))
+    merged.merge(later)  # the earliest start, the latest end, the first root to arrive
+    assert (merged.start, merged.end, merged.root) == (1, 90, ("checkout", "web"))
 
 
 def test_past_the_tree_cap_later_windows_are_judged_alone_and_the_signal_says_so(

@@ -367,13 +367,14 @@ def fold_windows(
 
 def settle_trees(query: tr.TreeQuery, key: str, traces: Iterable[str], into: dict[str, Summaries]) -> None:
     """Judge ``traces`` for one structural rule from their whole trees (:func:`.tree.settle`)."""
-    summaries, trees = [], []
+    summaries, ids, trees = [], [], []
     for trace_id in traces:
         summary = into[trace_id].get(key) if trace_id in into else None
         if summary is not None and summary.tree is not None:
             summaries.append(summary)
+            ids.append(trace_id)
             trees.append(summary.tree)
-    verdicts = tr.settle(query, trees, MAX_EVIDENCE)
+    verdicts = tr.settle(query, ids, trees, MAX_EVIDENCE)
     for summary, (hit, evidence) in zip(summaries, verdicts, strict=True):
         # Not sticky: ``!>`` and friends can stop matching when a missing span arrives.
         summary.violated, summary.evidence = hit, evidence

@@ -19,10 +19,16 @@ past that, the extra spans are counted (``lost``) and each later window is also
 judged on its own, with its overlap, as before this module existed; the signal
 message says so.
 
-Filters must be per-span predicates: ``trace:`` intrinsics and ``childCount`` read
-other spans of the window, so such queries keep the per-window flag (see
-:mod:`.summary`). Queries with more than :data:`MAX_FILTERS` filters, ``by()`` or
-value aggregates (``avg``, ``sum``...) do too.
+Filters may read the trace (``trace:duration``, ``trace:rootName``,
+``trace:rootService``, ``trace:id``) and the span's children (``childCount``):
+each filter is split into per-span parts, which become bits as windows fold, and
+parts that read only the trace or the tree, which are computed on the tree when it
+is judged, from the first start, last end and first root span of *all* the
+trace's spans (kept or not). A filter chain of that kind (``{ trace:duration > 2s }``)
+keeps one span per window plus those passing a span part; with structure or
+``childCount`` every span is kept. A comparison that mixes span and trace fields,
+more than :data:`MAX_FILTERS` per-span parts, ``by()`` and value aggregates
+(``avg``, ``sum``...) keep the per-window flag (see :mod:`.summary`).
 """
 
 from __future__ import annotations
@@ -40,12 +46,13 @@ import pyarrow.compute as pc
 from betrace.rules import fields as fx
 from betrace.rules.batch import BatchContext
 from betrace.rules.engine import CompiledTraceQLRule
+from betrace.rules.fields import MaskFn
 from betrace.rules.traceql import ast as tq
 from betrace.rules.traceql.compiler import compile_pipeline
 
 #: Spans kept per trace and query (ids, parent ids and filter bits: 33 bytes each).
 MAX_TREE_SPANS = 8192
-#: Filter bits per span: one byte.
+#: Per-span filter parts (bits) per query: one byte per span.
 MAX_FILTERS = 8
 _ID = 16  # characters per id: the 16 hex digits of an OTLP span id
 _NO_PARENT = "-" * _ID  # never a span id: matches nothing
@@ -62,6 +69,11 @@ class TreeState:
     bits: bytes = b""  # n bytes: bit i = the span passes filter i
     lost: int = 0  # spans past MAX_TREE_SPANS, not kept
     window_hit: bool = False  # past the cap: some later window matched on its own
+    #: For ``trace:`` intrinsics, over every span (kept or not): first start, last end,
+    #: and the (name, service) of the first root span to arrive.
+    start: int | None = None
+    end: int | None = None
+    root: tuple[str | None, str | None] | None = None
 
     @property
     def spans(self) -> int:
@@ -82,6 +94,17 @@ class TreeState:
         self.extend(other.ids, other.parents, other.bits)
         self.lost += other.lost
         self.window_hit = self.window_hit or other.window_hit
+        self.note_trace(other.start, other.end, other.root)
+
+    def note_trace(
+        self, start: int | None, end: int | None, root: tuple[str | None, str | None] | None
+    ) -> None:
+        if start is not None and (self.start is None or start < self.start):
+            self.start = start
+        if end is not None and (self.end is None or end > self.end):
+            self.end = end
+        if self.root is None:
+            self.root = root
 
     def copy(self) -> TreeState:
         return dataclasses.replace(self)
@@ -93,6 +116,9 @@ class TreeState:
             "b": base64.b64encode(self.bits).decode("ascii"),
             "l": self.lost,
             "w": self.window_hit,
+            "ts": self.start,
+            "te": self.end,
+            "r": self.root,
         }
 
     @classmethod
@@ -103,6 +129,9 @@ class TreeState:
             bits=base64.b64decode(doc["b"]),
             lost=int(doc.get("l", 0)),
             window_hit=bool(doc.get("w")),
+            start=doc.get("ts"),
+            end=doc.get("te"),
+            root=tuple(doc["r"]) if doc.get("r") else None,  # [name, service]
         )
 
 
@@ -143,43 +172,85 @@ def _supported(node: tq.Stage) -> bool:
     return False  # by(...): groups by values the tree does not keep
 
 
-def _per_span(expr: fx.Expr) -> bool:
-    """True when ``expr`` reads only the span itself (not its trace or its children)."""
-    if isinstance(expr, fx.Field) and (
-        expr.scope == "trace" or (expr.scope == "intrinsic" and expr.name == "childCount")
-    ):
-        return False
+def _reads(expr: fx.Expr) -> Iterator[fx.Field]:
+    if isinstance(expr, fx.Field):
+        yield expr
     for f in dataclasses.fields(expr):
         value = getattr(expr, f.name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type) and not _per_span(value):  # type: ignore[arg-type]  # nested dataclasses are Exprs
-            return False
-    return True
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            yield from _reads(value)  # type: ignore[arg-type]  # nested dataclasses are Exprs
+
+
+def _of_tree(field: fx.Field) -> bool:
+    """Fields whose value depends on other spans: the trace's, or the span's children."""
+    return field.scope == "trace" or (field.scope == "intrinsic" and field.name == "childCount")
+
+
+def _split(expr: fx.Expr, spans: list[fx.Expr]) -> MaskFn | None:
+    """``expr`` as a function of the kept tree: per-span parts become bits (appended to
+    ``spans``, computed as windows fold); parts that read only the trace or the tree
+    are computed on the tree itself. None when one comparison mixes the two."""
+    fields = list(_reads(expr))
+    tree_fields = sum(1 for f in fields if _of_tree(f))
+    if not tree_fields:
+        spans.append(expr)
+        bit = 1 << (len(spans) - 1)
+        return lambda ctx: pc.not_equal(pc.bit_wise_and(ctx.column("bits"), bit), 0)
+    if tree_fields == len(fields):
+        return fx.compile_predicate(expr)
+    match expr:
+        case fx.Logical(op=op, left=left, right=right):
+            a, b = _split(left, spans), _split(right, spans)
+            if a is None or b is None:
+                return None
+            combine = pc.and_ if op == "and" else pc.or_
+            return lambda ctx: combine(a(ctx), b(ctx))
+        case fx.Not(operand=operand):
+            inner = _split(operand, spans)
+            return None if inner is None else (lambda ctx: pc.invert(inner(ctx)))
+    return None
 
 
 class TreeQuery:
-    """A structural query as a function of a trace's kept tree."""
+    """A TraceQL query as a function of a trace's kept tree."""
 
     def __init__(self, query: tq.Pipeline, filters: list[tq.Filter]) -> None:
-        self.index = {id(node): i for i, node in enumerate(filters)}  # nodes of ``query``: alive with it
-        self.masks = [fx.compile_predicate(node.expr) for node in filters]
-        self.keep_all = any(op in _NEEDS_ALL for op in _ops(query)) or any(
-            isinstance(node.expr, fx.Const) and node.expr.value is True for node in _filters(query)
+        spans: list[fx.Expr] = []
+        self.leaves: dict[int, MaskFn] = {}  # by id of the filter nodes of ``query`` (alive with it)
+        for node in filters:
+            leaf = _split(node.expr, spans)
+            if leaf is None:
+                msg = "a comparison mixes span and trace fields"
+                raise ValueError(msg)
+            self.leaves[id(node)] = leaf
+        self.masks = [fx.compile_predicate(e) for e in spans]  # per bit, over a window
+        fields = [f for node in filters for f in _reads(node.expr)]
+        self.needs_trace = any(f.scope == "trace" for f in fields)
+        #: Only span filters in a chain: any span without bits stands for all others.
+        self.chain = all(isinstance(st, tq.Filter | tq.NoOp) for st in query.stages)
+        self.keep_all = (
+            any(op in _NEEDS_ALL for op in _ops(query))
+            or any(_is_all(node) for node in _filters(query))
+            or any(f.name == "childCount" for f in fields if f.scope == "intrinsic")
+            or (any(_of_tree(f) for f in fields) and not self.chain)
         )
-        self.run = compile_pipeline(query, leaf=self._bit)
-
-    def _bit(self, node: tq.Filter) -> Callable[[BatchContext], pa.Array]:
-        bit = 1 << self.index[id(node)]
-        return lambda ctx: pc.not_equal(pc.bit_wise_and(ctx.column("bits"), bit), 0)
+        #: A chain reading the trace: keep one span per window even when it passes no span part.
+        self.representative = not self.keep_all and any(_of_tree(f) for f in fields)
+        self.run = compile_pipeline(query, leaf=lambda node: self.leaves[id(node)])
 
     @classmethod
     def of(cls, compiled: Any) -> TreeQuery | None:
         if not isinstance(compiled, CompiledTraceQLRule):
             return None
         query = compiled.query
-        if all(isinstance(s, tq.Filter | tq.NoOp) for s in query.stages) or not _supported(query):
-            return None  # span filters alone are exact per window; by() and value aggregates are not here
+        if not _supported(query):
+            return None  # by() and value aggregates: not from the tree
         filters = [n for n in _filters(query) if not _is_all(n)]
-        if len(filters) > MAX_FILTERS or not all(_per_span(n.expr) for n in filters):
+        per_span = not any(_of_tree(f) for n in filters for f in _reads(n.expr))
+        if per_span and all(isinstance(st, tq.Filter | tq.NoOp) for st in query.stages):
+            return None  # span filters alone are exact per window
+        spans: list[fx.Expr] = []
+        if any(_split(n.expr, spans) is None for n in filters) or len(spans) > MAX_FILTERS:
             return None
         return cls(query, filters)
 
@@ -210,8 +281,12 @@ def fold(
         bits = pc.bit_wise_or(
             bits, pc.if_else(mask(ctx).fill_null(False), pa.scalar(1 << i, pa.uint8()), zero)
         )
+    new = new.fill_null(False)
     keep = new if query.keep_all else pc.and_(new, pc.not_equal(bits, 0))
-    rows = pc.indices_nonzero(keep.fill_null(False))
+    if query.representative:
+        first_new = ctx.group_reduce(ctx.arange(ctx.n), new, "min").drop_null()
+        keep = pc.or_(keep, ctx.rows_mask(first_new))
+    rows = pc.indices_nonzero(keep)
     touched: set[str] = set()
     if len(rows) == 0:
         return touched
@@ -220,6 +295,7 @@ def fold(
     parents = _fixed(pc.take(ctx.column("parent_span_id"), rows))
     kept_bits = pc.take(bits, rows)
     flat = kept_bits.buffers()[1].to_pybytes()[kept_bits.offset : kept_bits.offset + len(kept_bits)]
+    per_window = _trace_values(ctx, new) if query.needs_trace else None
     # Windows are contiguous in the table, so their codes come in runs.
     runs = pc.run_end_encode(codes)
     at_cap: set[int] = set()
@@ -237,11 +313,31 @@ def fold(
             tree.extend(ids[start * _ID : end * _ID], parents[start * _ID : end * _ID], flat[start:end])
             if tree.lost or (full is not None and full(trace)):
                 at_cap.add(code)
+        if per_window is not None:
+            tree.note_trace(*per_window[code])
         touched.add(trace)
         start = end
     if at_cap:
         _judge_windows(compiled, ctx, at_cap, traces, tree_of)
     return touched
+
+
+def _trace_values(
+    ctx: BatchContext, new: pa.Array
+) -> list[tuple[int | None, int | None, tuple[str | None, str | None] | None]]:
+    """Per window: first start, last end and first root (name, service) of its new rows."""
+    roots = pc.and_(new, ctx.is_root())
+    columns = [
+        ctx.group_reduce(ctx.column("start_ns"), new, "min").to_pylist(),
+        ctx.group_reduce(ctx.column("end_ns"), new, "max").to_pylist(),
+        ctx.group_reduce(ctx.column("name"), roots, "first").to_pylist(),
+        ctx.group_reduce(ctx.column("service"), roots, "first").to_pylist(),
+        ctx.group_any(roots).to_pylist(),
+    ]
+    return [
+        (start, end, (name, service) if has_root else None)
+        for start, end, name, service, has_root in zip(*columns, strict=True)
+    ]
 
 
 def _judge_windows(
@@ -281,13 +377,28 @@ def _stand_in(value: str) -> str:
     return hashlib.blake2b(value.encode(), digest_size=_ID // 2).hexdigest()
 
 
-def settle(query: TreeQuery, trees: list[TreeState], max_evidence: int) -> list[tuple[bool, list[str]]]:
-    """Run the query over each tree at once: per tree, (matched, some matching span ids)."""
+class _TreeContext(BatchContext):
+    """The kept trees of many traces; trace intrinsics come from what every span left."""
+
+    def __init__(self, table: pa.Table, per_trace: dict[str, pa.Array]) -> None:
+        super().__init__(table)
+        self._per_trace = per_trace
+
+    def trace_value(self, name: str) -> pa.Array:
+        return self.spread(self._per_trace[name])
+
+
+def settle(
+    query: TreeQuery, trace_ids: list[str], trees: list[TreeState], max_evidence: int
+) -> list[tuple[bool, list[str]]]:
+    """Run the query over each trace's tree at once: per tree, (matched, some matching span ids)."""
     kept: list[TreeState] = []
+    names: list[str] = []
     offsets = [0]
-    for state in trees:
+    for trace_id, state in zip(trace_ids, trees, strict=True):
         if state.bits:
             kept.append(state)
+            names.append(trace_id)
             offsets.append(offsets[-1] + len(state.bits))
     if not kept:
         return [(s.window_hit, []) for s in trees]
@@ -296,19 +407,30 @@ def settle(query: TreeQuery, trees: list[TreeState], max_evidence: int) -> list[
     bits = pa.py_buffer(b"".join(s.bits for s in kept))
     table = pa.table(
         {
-            "trace_id": codes,
+            "trace_id": pc.take(pa.array(names, pa.string()), codes),
             "span_id": _strings("".join(s.ids for s in kept), n),
             "parent_span_id": _strings("".join(s.parents for s in kept), n),
             "bits": pa.Array.from_buffers(pa.uint8(), n, [None, bits]),
         }
     )
-    ctx = BatchContext(table)  # trace codes 0.. in the order of ``kept``
+    per_trace: dict[str, pa.Array] = {}
+    if query.needs_trace:
+        per_trace = {
+            "duration": pa.array(
+                [None if s.start is None or s.end is None else s.end - s.start for s in kept], pa.int64()
+            ),
+            "rootName": pa.array([s.root[0] if s.root else None for s in kept], pa.string()),
+            "rootService": pa.array([s.root[1] if s.root else None for s in kept], pa.string()),
+        }
+    ctx = _TreeContext(table, per_trace)  # trace codes 0.. in the order of ``kept``
     mask = query.run(ctx).mask
     matched = ctx.group_any(mask)
-    cited: dict[int, list[str]] = {}
+    cited: dict[str, list[str]] = {}
     if pc.any(matched).as_py():
-        cited = {int(v.trace_id): list(v.span_ids[:max_evidence]) for v in ctx.violations(matched, mask, "")}
-    verdicts = {id(state): (i in cited, cited.get(i, [])) for i, state in enumerate(kept)}
+        cited = {v.trace_id: list(v.span_ids[:max_evidence]) for v in ctx.violations(matched, mask, "")}
+    verdicts = {
+        id(state): (name in cited, cited.get(name, [])) for name, state in zip(names, kept, strict=True)
+    }
     out = []
     for state in trees:
         hit, evidence = verdicts.get(id(state), (False, []))
