@@ -43,6 +43,13 @@ PACK = [
         language="traceql",
         expression='{ name = "boom" } && { name = "pii.access" }',
     ),
+    Rule(
+        id="tree-agg",
+        tenant="-",
+        name="slow db per name",
+        language="traceql",
+        expression='({ name = "db.query" } && { name = "http.request" }) | by(name) | avg(duration) > 0',
+    ),
 ]
 
 
@@ -94,6 +101,9 @@ def test_shared_programs_fold_exactly_like_per_tenant_over_two_windows() -> None
     # Each tenant's own rule versions, nobody else's (a TraceQL filter keeps only violations,
     # an aggregate query its running totals, a sequence rule its pending A spans).
     assert set(shared["3" * 32]) == {"pii@3", "db@3", "agg@3", "seq@3", "tree@3"}
+    assert shared["1" * 32]["tree-agg@1"].violated  # values and groups merged over both passes
+    assert shared["4" * 32]["tree-agg@3"].violated
+    assert "tree-agg@1" not in shared["2" * 32]  # neither filter passed: nothing kept
     assert sm.violated(RULES["a"][4], shared["1" * 32]["seq@1"])
     assert not sm.violated(RULES["a"][4], shared["2" * 32]["seq@1"])
     # Three db.query spans per pass: over the two passes, the aggregate query matches.

@@ -471,6 +471,15 @@ STRUCTURAL_QUERIES = [
     '{ trace:duration > 170ns || name = "c" }',
     '{ childCount > 6 && name = "a" }',
     '{ name = "b" } > { childCount = 0 && name = "c" }',
+    # Aggregates of span values after structure.
+    '{ name = "a" } >> { name = "b" } | avg(duration) > 1.5ns',
+    '({ name = "a" } > { } ) | max(span.weight) > 8',
+    '{ name = "c" } < { } | sum(span.weight) > 20',
+    # Groups by a span value, across windows.
+    "{ span.weight >= 0 } | by(span.weight) | count() > 8",
+    '{ name = "b" } | by(span.weight) | avg(duration) > 2.5ns',
+    '{ name = "a" } > { } | by(name) | count() > 3',
+    "{ childCount > 2 } | count() > 9",
 ]
 
 
@@ -482,9 +491,13 @@ def tree_trace(trace: str, rng: random.Random) -> pa.Table:
     table = spans(trace, names)
     ids = table.column("span_id").to_pylist()
     parents = [None] + [ids[rng.randrange(i)] for i in range(1, n)]
-    return table.set_column(
+    table = table.set_column(
         table.schema.get_field_index("parent_span_id"), "parent_span_id", pa.array(parents)
     )
+    ends = pa.array([i + rng.randint(1, 3) for i in range(n)], pa.int64())
+    table = table.set_column(table.schema.get_field_index("end_ns"), "end_ns", ends)
+    weights_attr = ["{}" if rng.random() < 0.5 else f'{{"weight": {rng.randint(0, 9)}}}' for _ in range(n)]
+    return table.set_column(table.schema.get_field_index("attributes"), "attributes", pa.array(weights_attr))
 
 
 def test_structural_traceql_over_many_windows_matches_the_whole_trace() -> None:
@@ -567,7 +580,9 @@ def test_tree_state_survives_its_json_form_and_caps_what_it_keeps() -> None:
 
     state = tr.TreeState()
     n = tr.MAX_TREE_SPANS + 5
-    state.extend("0123456789abcdef" * n, "-" * 16 * n, bytes([1]) * n)
+    state.extend(
+        "0123456789abcdef" * n, "-" * 16 * n, bytes([1]) * n, [bytes(8 * n), bytes([1]) * n], [["x"] * n]
+    )
     state.note_trace(5, 90, ("checkout", "web"))
     assert (state.spans, state.lost) == (tr.MAX_TREE_SPANS, 5)
     again = _summaries_from(summaries_json({"k": RuleSummary(tree=state)}))["k"].tree
@@ -575,6 +590,7 @@ def test_tree_state_survives_its_json_form_and_caps_what_it_keeps() -> None:
     merged = again.copy()
     merged.merge(state)
     assert (merged.spans, merged.lost) == (tr.MAX_TREE_SPANS, 5 + n)
+    assert again is not None and len(again.values[0]) == 8 * tr.MAX_TREE_SPANS
     later = tr.TreeState(start=1, end=50, root=("late-root", "svc"))
     merged.merge(later)  # the earliest start, the latest end, the first root to arrive
     assert (merged.start, merged.end, merged.root) == (1, 90, ("checkout", "web"))

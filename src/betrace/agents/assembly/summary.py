@@ -13,8 +13,7 @@ Exactness (see docs in the package ``__init__``):
   ``always`` / ``never`` with ``exists``, ``count(..) op N``,
   ``count(..) op count(..)``, ``and`` / ``or`` / ``not`` are then re-derived
   from the counts: exact for any trace length, as long as each selector is a
-  per-span predicate. Selectors with TraceQL structure (parent/child,
-  siblings) see the window plus its overlap only.
+  per-span predicate.
 * ``traceql`` queries of one span filter and one aggregate comparison
   (``{ cond } | count() > 15``, ``{ } | avg(duration) > 40ms``; ``min``, ``max``,
   ``sum`` too) keep the filter's span count and the aggregate's count, sum, min
@@ -23,23 +22,21 @@ Exactness (see docs in the package ``__init__``):
 * ``sequence`` rules (``A followed_by B within T``) keep the cover of the B
   spans' start times and the A spans not yet followed (:mod:`.sequence`): exact
   for any trace length and any split into windows.
-* ``traceql`` queries with structure (``>>``, ``>``, ``<<``, ``<``, ``~``, their
-  negations and unions, ``&&``, ``||``, several filter stages, ``count()``
-  comparisons) keep the part of the span tree they need (:mod:`.tree`) and are
-  re-run over it: exact for any trace length up to its cap, when every filter is
-  a per-span predicate.
-* Other ``traceql`` rules keep one flag: violated in some window (window plus
-  overlap as context). Exact for span filters; ``trace:`` intrinsics,
-  ``childCount``, ``by()`` and value aggregates after structure only within
-  window + overlap.
+* Every other ``traceql`` query with more than span filters (structure ``>>``,
+  ``>``, ``<<``, ``<``, ``~`` and their negations and unions, ``&&``, ``||``,
+  ``trace:`` intrinsics, ``childCount``, ``by()``, aggregates) keeps the part of
+  the span tree it needs (:mod:`.tree`) and is re-run over it: exact for any
+  trace length up to the tree's cap.
+* The rest (span filters alone, and what :mod:`.tree` lists as not from the
+  tree) keeps one flag: violated in some window (window plus overlap as
+  context). Exact for span filters.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import operator
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -165,14 +162,6 @@ class _DslLeaves:
                 return lambda c: lhs(c) or rhs(c)
 
 
-def _subexprs(expr: fx.Expr) -> Iterator[fx.Expr]:
-    yield expr
-    for f in dataclasses.fields(expr):
-        value = getattr(expr, f.name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            yield from _subexprs(value)  # type: ignore[arg-type]  # every nested dataclass is an Expr
-
-
 class _AggregateQuery:
     """``{ cond } | agg(...) op N``: the query as a function of per-trace running totals.
 
@@ -200,8 +189,8 @@ class _AggregateQuery:
                     tq.AggregateFilter(op=op, left=aggregate, right=float() as bound),
                 )
             ):
-                if any(isinstance(e, fx.Field) and e.scope == "trace" for e in _subexprs(cond)):
-                    return None  # trace:duration and the like: per window, not per trace
+                if tr.reads_tree(cond) or (aggregate.arg is not None and tr.reads_tree(aggregate.arg)):
+                    return None  # trace:duration, childCount: per window, not per trace
                 return cls(cond, aggregate, op, bound)
         return None
 

@@ -1,7 +1,7 @@
 """Exact TraceQL structure across windows: the part of a trace's span tree a query needs.
 
 A structural query (``{ A } >> { B }``, ``{ A } ~ { B }``, ``{ A } && { B }``, their
-negations and unions, count comparisons after them) relates spans that may land in
+negations and unions, aggregates after them) relates spans that may land in
 windows far apart: OpenTelemetry exports a parent after its children, so the root
 of a long trace usually arrives in its last window. Window plus overlap cannot see
 that. Instead, each trace keeps per query a *tree*: for each span its id, its parent's
@@ -26,9 +26,13 @@ parts that read only the trace or the tree, which are computed on the tree when 
 is judged, from the first start, last end and first root span of *all* the
 trace's spans (kept or not). A filter chain of that kind (``{ trace:duration > 2s }``)
 keeps one span per window plus those passing a span part; with structure or
-``childCount`` every span is kept. A comparison that mixes span and trace fields,
-more than :data:`MAX_FILTERS` per-span parts, ``by()`` and value aggregates
-(``avg``, ``sum``...) keep the per-window flag (see :mod:`.summary`).
+``childCount`` every span is kept. Value aggregates (``avg(duration)``) and
+``by(expr)`` keep, per kept span, the float64 argument or the group value.
+
+Not from the tree (the per-window flag of :mod:`.summary`): a comparison that mixes
+span and trace fields (``duration > trace:duration``), aggregates or groups of
+``childCount`` or ``trace:`` values, and more than :data:`MAX_FILTERS` per-span
+filter parts.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from betrace.rules.batch import BatchContext
 from betrace.rules.engine import CompiledTraceQLRule
 from betrace.rules.fields import MaskFn
 from betrace.rules.traceql import ast as tq
-from betrace.rules.traceql.compiler import compile_pipeline
+from betrace.rules.traceql.compiler import Sources, compile_pipeline
 
 #: Spans kept per trace and query (ids, parent ids and filter bits: 33 bytes each).
 MAX_TREE_SPANS = 8192
@@ -67,6 +71,10 @@ class TreeState:
     ids: str = ""  # n x 16 characters
     parents: str = ""  # n x 16 characters, _NO_PARENT for a root
     bits: bytes = b""  # n bytes: bit i = the span passes filter i
+    #: Per aggregate argument (``avg(duration)``): n float64 values, then n validity bytes.
+    values: list[bytes] = dataclasses.field(default_factory=list)
+    #: Per ``by(expr)``: each span's group value.
+    keys: list[list[str]] = dataclasses.field(default_factory=list)
     lost: int = 0  # spans past MAX_TREE_SPANS, not kept
     window_hit: bool = False  # past the cap: some later window matched on its own
     #: For ``trace:`` intrinsics, over every span (kept or not): first start, last end,
@@ -79,7 +87,7 @@ class TreeState:
     def spans(self) -> int:
         return len(self.bits)
 
-    def extend(self, ids: str, parents: str, bits: bytes) -> None:
+    def extend(self, ids: str, parents: str, bits: bytes, values: list[bytes], keys: list[list[str]]) -> None:
         """Keep these spans, up to the cap; count the rest."""
         room = max(0, MAX_TREE_SPANS - self.spans)
         n = len(bits)
@@ -88,10 +96,20 @@ class TreeState:
             self.ids += ids[: take * _ID]
             self.parents += parents[: take * _ID]
             self.bits += bits[:take]
+            if not self.values:
+                self.values = [b""] * len(values)
+            self.values = [
+                old + v[: take * _width(i)]
+                for i, (old, v) in enumerate(zip(self.values, values, strict=True))
+            ]
+            if not self.keys:
+                self.keys = [[] for _ in keys]
+            for mine, theirs in zip(self.keys, keys, strict=True):
+                mine.extend(theirs[:take])
         self.lost += n - take
 
     def merge(self, other: TreeState) -> None:
-        self.extend(other.ids, other.parents, other.bits)
+        self.extend(other.ids, other.parents, other.bits, other.values, other.keys)
         self.lost += other.lost
         self.window_hit = self.window_hit or other.window_hit
         self.note_trace(other.start, other.end, other.root)
@@ -107,13 +125,15 @@ class TreeState:
             self.root = root
 
     def copy(self) -> TreeState:
-        return dataclasses.replace(self)
+        return dataclasses.replace(self, keys=[list(k) for k in self.keys])
 
     def as_json(self) -> dict[str, Any]:
         return {
             "i": self.ids,
             "p": self.parents,
             "b": base64.b64encode(self.bits).decode("ascii"),
+            "v": [base64.b64encode(v).decode("ascii") for v in self.values],
+            "k": self.keys,
             "l": self.lost,
             "w": self.window_hit,
             "ts": self.start,
@@ -127,12 +147,19 @@ class TreeState:
             ids=str(doc["i"]),
             parents=str(doc["p"]),
             bits=base64.b64decode(doc["b"]),
+            values=[base64.b64decode(v) for v in doc.get("v", ())],
+            keys=[list(k) for k in doc.get("k", ())],
             lost=int(doc.get("l", 0)),
             window_hit=bool(doc.get("w")),
             start=doc.get("ts"),
             end=doc.get("te"),
             root=tuple(doc["r"]) if doc.get("r") else None,  # [name, service]
         )
+
+
+def _width(i: int) -> int:
+    """Bytes per span of value column ``i``: float64 values, then their validity."""
+    return 8 if i % 2 == 0 else 1
 
 
 def _filters(node: tq.Stage) -> Iterator[tq.Filter]:
@@ -159,7 +186,7 @@ def _ops(node: tq.Stage) -> Iterator[str]:
 
 
 def _supported(node: tq.Stage) -> bool:
-    """Only spanset expressions and ``count()`` comparisons: the tree has no other values."""
+    """Spanset expressions and aggregates of per-span values: what the tree can hold."""
     match node:
         case tq.Filter() | tq.NoOp():
             return True
@@ -168,8 +195,41 @@ def _supported(node: tq.Stage) -> bool:
         case tq.Pipeline(stages=stages):
             return all(_supported(s) for s in stages)
         case tq.AggregateFilter(left=left, right=right):
-            return left.func == "count" and (not isinstance(right, tq.Aggregate) or right.func == "count")
-    return False  # by(...): groups by values the tree does not keep
+            return all(
+                a.arg is None or not any(_of_tree(f) for f in _reads(a.arg))
+                for a in (left, right)
+                if isinstance(a, tq.Aggregate)
+            )
+    # by(expr): groups by a per-span value, kept per span
+    return not any(_of_tree(f) for f in _reads(node.expr))
+
+
+def _groupings(node: tq.Stage) -> Iterator[fx.Expr]:
+    """The expressions of the query's ``by(...)`` stages."""
+    match node:
+        case tq.By(expr=expr):
+            yield expr
+        case tq.SpansetOp(left=left, right=right):
+            yield from _groupings(left)
+            yield from _groupings(right)
+        case tq.Pipeline(stages=stages):
+            for stage in stages:
+                yield from _groupings(stage)
+
+
+def _arguments(node: tq.Stage) -> Iterator[fx.Expr]:
+    """The arguments of the query's value aggregates (``avg(duration)``: ``duration``)."""
+    match node:
+        case tq.AggregateFilter(left=left, right=right):
+            for a in (left, right):
+                if isinstance(a, tq.Aggregate) and a.arg is not None:
+                    yield a.arg
+        case tq.SpansetOp(left=left, right=right):
+            yield from _arguments(left)
+            yield from _arguments(right)
+        case tq.Pipeline(stages=stages):
+            for stage in stages:
+                yield from _arguments(stage)
 
 
 def _reads(expr: fx.Expr) -> Iterator[fx.Field]:
@@ -184,6 +244,11 @@ def _reads(expr: fx.Expr) -> Iterator[fx.Field]:
 def _of_tree(field: fx.Field) -> bool:
     """Fields whose value depends on other spans: the trace's, or the span's children."""
     return field.scope == "trace" or (field.scope == "intrinsic" and field.name == "childCount")
+
+
+def reads_tree(expr: fx.Expr) -> bool:
+    """True when ``expr`` reads the trace or the span's children, not only the span."""
+    return any(_of_tree(f) for f in _reads(expr))
 
 
 def _split(expr: fx.Expr, spans: list[fx.Expr]) -> MaskFn | None:
@@ -236,7 +301,20 @@ class TreeQuery:
         )
         #: A chain reading the trace: keep one span per window even when it passes no span part.
         self.representative = not self.keep_all and any(_of_tree(f) for f in fields)
-        self.run = compile_pipeline(query, leaf=lambda node: self.leaves[id(node)])
+        args = list(_arguments(query))
+        self.numbers = [fx.compile_value(arg) for arg in args]  # per argument, over a window
+        column = {id(arg): f"v{j}" for j, arg in enumerate(args)}
+        groupings = list(_groupings(query))
+        self.group_keys = [Sources().group_key(expr) for expr in groupings]  # per by(), over a window
+        column |= {id(expr): f"k{j}" for j, expr in enumerate(groupings)}
+        self.run = compile_pipeline(
+            query,
+            Sources(
+                leaf=lambda node: self.leaves[id(node)],
+                number=lambda arg: lambda ctx: ctx.column(column[id(arg)]),
+                group_key=lambda expr: lambda ctx: ctx.column(column[id(expr)]),
+            ),
+        )
 
     @classmethod
     def of(cls, compiled: Any) -> TreeQuery | None:
@@ -293,8 +371,16 @@ def fold(
     codes = pc.take(ctx.codes, rows)
     ids = _fixed(pc.take(ctx.column("span_id"), rows))
     parents = _fixed(pc.take(ctx.column("parent_span_id"), rows))
-    kept_bits = pc.take(bits, rows)
-    flat = kept_bits.buffers()[1].to_pybytes()[kept_bits.offset : kept_bits.offset + len(kept_bits)]
+    flat = _raw(pc.take(bits, rows), 1)
+    values: list[bytes] = []
+    for number in query.numbers:
+        num = number(ctx).num
+        if num is None:  # no span has a numeric value
+            values += [bytes(8 * len(rows)), bytes(len(rows))]
+            continue
+        kept = pc.take(pc.cast(num, pa.float64()), rows)
+        values += [_raw(kept, 8), _raw(pc.cast(pc.is_valid(kept), pa.uint8()), 1)]
+    keys = [pc.take(key(ctx), rows).to_pylist() for key in query.group_keys]
     per_window = _trace_values(ctx, new) if query.needs_trace else None
     # Windows are contiguous in the table, so their codes come in runs.
     runs = pc.run_end_encode(codes)
@@ -303,14 +389,24 @@ def fold(
     for code, end in zip(runs.values.to_pylist(), runs.run_ends.to_pylist(), strict=True):
         trace = traces[code]
         tree = tree_of(trace)
+        run_values = [v[start * _width(i) : end * _width(i)] for i, v in enumerate(values)]
+        run_keys = [k[start:end] for k in keys]
         if not tree.bits and end - start <= MAX_TREE_SPANS:  # the usual case: a first window
-            tree.ids, tree.parents, tree.bits = (
+            tree.ids, tree.parents, tree.bits, tree.values, tree.keys = (
                 ids[start * _ID : end * _ID],
                 parents[start * _ID : end * _ID],
                 flat[start:end],
+                run_values,
+                run_keys,
             )
         else:
-            tree.extend(ids[start * _ID : end * _ID], parents[start * _ID : end * _ID], flat[start:end])
+            tree.extend(
+                ids[start * _ID : end * _ID],
+                parents[start * _ID : end * _ID],
+                flat[start:end],
+                run_values,
+                run_keys,
+            )
             if tree.lost or (full is not None and full(trace)):
                 at_cap.add(code)
         if per_window is not None:
@@ -320,6 +416,12 @@ def fold(
     if at_cap:
         _judge_windows(compiled, ctx, at_cap, traces, tree_of)
     return touched
+
+
+def _raw(array: pa.Array, width: int) -> bytes:
+    """The data buffer of a fixed-width array (``width`` bytes per value) as bytes."""
+    raw: bytes = array.buffers()[1].to_pybytes()
+    return raw[array.offset * width : (array.offset + len(array)) * width]
 
 
 def _trace_values(
@@ -411,6 +513,16 @@ def settle(
             "span_id": _strings("".join(s.ids for s in kept), n),
             "parent_span_id": _strings("".join(s.parents for s in kept), n),
             "bits": pa.Array.from_buffers(pa.uint8(), n, [None, bits]),
+            **{
+                f"v{j}": _floats(
+                    b"".join(s.values[2 * j] for s in kept), b"".join(s.values[2 * j + 1] for s in kept), n
+                )
+                for j in range(len(query.numbers))
+            },
+            **{
+                f"k{j}": pa.array([k for s in kept for k in s.keys[j]], pa.string())
+                for j in range(len(query.group_keys))
+            },
         }
     )
     per_trace: dict[str, pa.Array] = {}
@@ -436,6 +548,12 @@ def settle(
         hit, evidence = verdicts.get(id(state), (False, []))
         out.append((hit or state.window_hit, evidence))
     return out
+
+
+def _floats(data: bytes, valid: bytes, n: int) -> pa.Array:
+    values = pa.Array.from_buffers(pa.float64(), n, [None, pa.py_buffer(data)])
+    flags = pa.Array.from_buffers(pa.uint8(), n, [None, pa.py_buffer(valid)])
+    return pc.if_else(pc.not_equal(flags, 0), values, pa.scalar(None, pa.float64()))
 
 
 def _strings(joined: str, n: int) -> pa.Array:

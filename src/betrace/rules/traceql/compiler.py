@@ -33,35 +33,65 @@ class Spanset:
 
 
 SpansetFn = Callable[[BatchContext, Spanset], Spanset]
-#: How a span filter becomes a mask: by default its predicate over the batch's columns.
-Leaf = Callable[[ast.Filter], Callable[[BatchContext], pa.Array]]
 
 
 def _predicate(node: ast.Filter) -> Callable[[BatchContext], pa.Array]:
     return f.compile_predicate(node.expr)
 
 
-def compile_pipeline(node: ast.SpansetExpr, leaf: Leaf = _predicate) -> Callable[[BatchContext], Spanset]:
-    """Compile a query; the result maps a batch to the final spanset.
+def _number(arg: f.Expr) -> Callable[[BatchContext], pa.Array | None]:
+    value = f.compile_value(arg)
+    return lambda ctx: value(ctx).num
 
-    ``leaf`` lets the assembler run the same query over a trace's kept tree, whose
-    filter masks were computed when its windows were folded (``assembly/tree.py``).
+
+def _group_key(expr: f.Expr) -> Callable[[BatchContext], pa.Array]:
+    value = f.compile_value(expr)
+
+    def key(ctx: BatchContext) -> pa.Array:
+        typed = value(ctx)
+        out = pa.repeat(pa.scalar("\x00nil"), ctx.n)
+        for col in (typed.flag, typed.num, typed.text):
+            if col is not None:
+                out = pc.coalesce(pc.cast(col, pa.string()), out)
+        return out
+
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class Sources:
+    """Where a query's span filters (masks) and aggregate arguments (numbers) come from.
+
+    By default from the batch's columns; the assembler runs the same query over a
+    trace's kept tree, whose masks and numbers were taken as its windows were
+    folded (``assembly/tree.py``).
     """
-    run = _compile(node, leaf)
+
+    leaf: Callable[[ast.Filter], Callable[[BatchContext], pa.Array]] = _predicate
+    number: Callable[[f.Expr], Callable[[BatchContext], pa.Array | None]] = _number
+    #: ``by(expr)``: per span, the group's value as a string ("\x00nil" when none).
+    group_key: Callable[[f.Expr], Callable[[BatchContext], pa.Array]] = _group_key
+
+
+def compile_pipeline(
+    node: ast.SpansetExpr, sources: Sources | None = None
+) -> Callable[[BatchContext], Spanset]:
+    """Compile a query; the result maps a batch to the final spanset."""
+    run = _compile(node, sources or Sources())
     return lambda ctx: run(ctx, Spanset(ctx.all_true))
 
 
-def _compile(node: ast.SpansetExpr, leaf: Leaf) -> SpansetFn:
+def _compile(node: ast.SpansetExpr, src: Sources) -> SpansetFn:
     match node:
         case ast.Filter(expr=f.Const(value=True)):
             return lambda ctx, current: current
         case ast.Filter():
-            predicate = leaf(node)
+            predicate = src.leaf(node)
             return lambda ctx, current: Spanset(pc.and_(current.mask, predicate(ctx)), current.grouping)
         case ast.SpansetOp(op=op, left=left, right=right):
-            return _compile_op(op, _compile(left, leaf), _compile(right, leaf))
+            return _compile_op(op, _compile(left, src), _compile(right, src))
         case ast.Pipeline(stages=stages):
-            steps = [_compile_stage(stage, leaf) for stage in stages]
+            steps = [_compile_stage(stage, src) for stage in stages]
 
             def pipeline(ctx: BatchContext, current: Spanset) -> Spanset:
                 for step in steps:
@@ -86,28 +116,21 @@ def _compile_op(op: str, left: SpansetFn, right: SpansetFn) -> SpansetFn:
     return lambda ctx, current: Spanset(relation(ctx, left(ctx, current).mask, right(ctx, current).mask))
 
 
-def _compile_stage(stage: ast.Stage, leaf: Leaf) -> SpansetFn:
+def _compile_stage(stage: ast.Stage, src: Sources) -> SpansetFn:
     match stage:
         case ast.NoOp():
             return lambda ctx, current: current
         case ast.By(expr=expr):
-            return _compile_by(expr)
+            return _compile_by(src.group_key(expr))
         case ast.AggregateFilter(op=op, left=left, right=right):
-            return _compile_aggregate_filter(op, left, right)
+            return _compile_aggregate_filter(op, left, right, src)
         case _:
-            return _compile(stage, leaf)
+            return _compile(stage, src)
 
 
-def _compile_by(expr: f.Expr) -> SpansetFn:
-    value = f.compile_value(expr)
-
+def _compile_by(group_key: Callable[[BatchContext], pa.Array]) -> SpansetFn:
     def by(ctx: BatchContext, current: Spanset) -> Spanset:
-        typed = value(ctx)
-        key = pa.repeat(pa.scalar("\x00nil"), ctx.n)
-        for col in (typed.flag, typed.num, typed.text):
-            if col is not None:
-                key = pc.coalesce(pc.cast(col, pa.string()), key)
-        combined = pc.binary_join_element_wise(pc.cast(ctx.codes, pa.string()), key, "\x1f")
+        combined = pc.binary_join_element_wise(pc.cast(ctx.codes, pa.string()), group_key(ctx), "\x1f")
         encoded = pc.dictionary_encode(combined)
         return Spanset(current.mask, Grouping(encoded.indices, len(encoded.dictionary)))
 
@@ -117,15 +140,15 @@ def _compile_by(expr: f.Expr) -> SpansetFn:
 AggregateFn = Callable[[BatchContext, Spanset], pa.Array]
 
 
-def _compile_aggregate(node: ast.Aggregate) -> AggregateFn:
+def _compile_aggregate(node: ast.Aggregate, src: Sources) -> AggregateFn:
     if node.func == "count":
         return lambda ctx, s: ctx.group_count(s.mask, s.grouping)
     assert node.arg is not None
-    value = f.compile_value(node.arg)
+    value = src.number(node.arg)
     func = _REDUCERS[node.func]
 
     def reduce(ctx: BatchContext, s: Spanset) -> pa.Array:
-        num = value(ctx).num
+        num = value(ctx)
         if num is None:
             size = (s.grouping or ctx.traces).size
             return pa.nulls(size, pa.float64())
@@ -134,9 +157,11 @@ def _compile_aggregate(node: ast.Aggregate) -> AggregateFn:
     return reduce
 
 
-def _compile_aggregate_filter(op: str, left: ast.Aggregate, right: ast.Aggregate | float) -> SpansetFn:
-    lhs = _compile_aggregate(left)
-    rhs = None if isinstance(right, float) else _compile_aggregate(right)
+def _compile_aggregate_filter(
+    op: str, left: ast.Aggregate, right: ast.Aggregate | float, src: Sources
+) -> SpansetFn:
+    lhs = _compile_aggregate(left, src)
+    rhs = None if isinstance(right, float) else _compile_aggregate(right, src)
     compare = _CMP[op]
 
     def aggregate_filter(ctx: BatchContext, current: Spanset) -> Spanset:
