@@ -128,18 +128,21 @@ class TreeState:
         return dataclasses.replace(self, keys=[list(k) for k in self.keys])
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        # Optional parts only when present: one entry per closed trace and structural rule.
+        doc: dict[str, Any] = {
             "i": self.ids,
             "p": self.parents,
             "b": base64.b64encode(self.bits).decode("ascii"),
-            "v": [base64.b64encode(v).decode("ascii") for v in self.values],
-            "k": self.keys,
-            "l": self.lost,
-            "w": self.window_hit,
-            "ts": self.start,
-            "te": self.end,
-            "r": self.root,
         }
+        if self.values:
+            doc["v"] = [base64.b64encode(v).decode("ascii") for v in self.values]
+        if self.keys:
+            doc["k"] = self.keys
+        if self.lost or self.window_hit:
+            doc["l"], doc["w"] = self.lost, self.window_hit
+        if self.start is not None:
+            doc["ts"], doc["te"], doc["r"] = self.start, self.end, self.root
+        return doc
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> TreeState:
@@ -384,13 +387,14 @@ def fold(
     per_window = _trace_values(ctx, new) if query.needs_trace else None
     # Windows are contiguous in the table, so their codes come in runs.
     runs = pc.run_end_encode(codes)
+    widths = [_width(i) for i in range(len(values))]
     at_cap: set[int] = set()
     start = 0
     for code, end in zip(runs.values.to_pylist(), runs.run_ends.to_pylist(), strict=True):
         trace = traces[code]
         tree = tree_of(trace)
-        run_values = [v[start * _width(i) : end * _width(i)] for i, v in enumerate(values)]
-        run_keys = [k[start:end] for k in keys]
+        run_values = [v[start * w : end * w] for v, w in zip(values, widths, strict=True)] if values else []
+        run_keys = [k[start:end] for k in keys] if keys else []
         if not tree.bits and end - start <= MAX_TREE_SPANS:  # the usual case: a first window
             tree.ids, tree.parents, tree.bits, tree.values, tree.keys = (
                 ids[start * _ID : end * _ID],
@@ -540,13 +544,15 @@ def settle(
     cited: dict[str, list[str]] = {}
     if pc.any(matched).as_py():
         cited = {v.trace_id: list(v.span_ids[:max_evidence]) for v in ctx.violations(matched, mask, "")}
-    verdicts = {
-        id(state): (name in cited, cited.get(name, [])) for name, state in zip(names, kept, strict=True)
-    }
-    out = []
+    # ``kept`` is ``trees`` without the empty ones, in order.
+    hits = iter(zip(names, matched.to_pylist(), strict=True))
+    out: list[tuple[bool, list[str]]] = []
     for state in trees:
-        hit, evidence = verdicts.get(id(state), (False, []))
-        out.append((hit or state.window_hit, evidence))
+        if not state.bits:
+            out.append((state.window_hit, []))
+            continue
+        name, hit = next(hits)
+        out.append((True, cited[name]) if hit else (state.window_hit, []))
     return out
 
 
