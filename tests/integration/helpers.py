@@ -22,6 +22,14 @@ from betrace.workload.otlp import OtlpMessage
 from betrace.workload.producer import produce
 
 
+def with_rules(cfg: Settings, tmp_path: Path, tenant_yaml: str, **update: Any) -> Settings:
+    """``cfg`` reading its rules from one tenant file holding ``tenant_yaml``."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "acme.yaml").write_text(tenant_yaml)
+    return cfg.model_copy(update={"rules_dir": rules, **update})
+
+
 async def create_topic(brokers: str, topic: str, partitions: int = 1) -> None:
     """Create ``topic`` (the test brokers do not auto-create topics)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=brokers)

@@ -19,7 +19,7 @@ from betrace.dev.worker import WorkerProcess
 from betrace.workload.generator import SERVER, SpanSpec, TraceSpec
 from betrace.workload.otlp import batch_messages
 from betrace.workload.producer import produce
-from tests.integration.helpers import read_topic, wait_until_drained
+from tests.integration.helpers import read_topic, wait_until_drained, with_rules
 
 RULES = """\
 tenant: acme
@@ -43,10 +43,7 @@ def _send(cfg: Settings, trace: TraceSpec) -> None:
 def test_an_audit_log_after_the_idle_timeout_but_within_the_bound_is_no_violation(
     pipeline_settings: Settings, tmp_path: Path
 ) -> None:
-    rules = tmp_path / "rules"
-    rules.mkdir()
-    (rules / "acme.yaml").write_text(RULES)
-    cfg = pipeline_settings.model_copy(update={"rules_dir": rules})
+    cfg = with_rules(pipeline_settings, tmp_path, RULES)
     worker = WorkerProcess(cfg, tmp_path / "w.log")
     worker.start()
     try:

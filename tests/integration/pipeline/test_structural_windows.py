@@ -23,7 +23,7 @@ from betrace.streams.admin import MAX_MESSAGE_BYTES
 from betrace.workload.generator import SERVER, SpanSpec, TraceSpec
 from betrace.workload.otlp import batch_messages
 from betrace.workload.producer import produce
-from tests.integration.helpers import read_topic, wait_until_drained
+from tests.integration.helpers import read_topic, wait_until_drained, with_rules
 
 RULES = """\
 tenant: acme
@@ -60,10 +60,7 @@ async def _max_message_bytes(brokers: str, topic: str) -> int:
 def test_an_ancestor_that_arrives_windows_later_still_matches(
     pipeline_settings: Settings, tmp_path: Path
 ) -> None:
-    rules = tmp_path / "rules"
-    rules.mkdir()
-    (rules / "acme.yaml").write_text(RULES)
-    cfg = pipeline_settings.model_copy(update={"rules_dir": rules, "window_spans": 20})
+    cfg = with_rules(pipeline_settings, tmp_path, RULES, window_spans=20)
     worker = WorkerProcess(cfg, tmp_path / "w.log")
     worker.start()
     try:

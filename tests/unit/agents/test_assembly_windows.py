@@ -61,6 +61,18 @@ def spans(trace: str, names: list[str], *, start: int = 0, tenant: str = "t") ->
     )
 
 
+def with_column(table: pa.Table, name: str, values: object) -> pa.Table:
+    """``table`` with column ``name`` replaced by ``values``."""
+    return table.set_column(table.schema.get_field_index(name), name, values)
+
+
+def numbered_rules(prefix: str, expressions: list[str], language: str = "traceql") -> list[CompiledRule]:
+    return [
+        compile_rule(Rule(id=f"{prefix}{i}", tenant="t", name=q, language=language, expression=q))
+        for i, q in enumerate(expressions)
+    ]
+
+
 def make(
     clock: Clock, hooks: InMemoryHooks, *, rules: list[CompiledRule] = COMPILED, **overrides: float
 ) -> TraceAssembler:
@@ -268,20 +280,15 @@ def long_trace(trace: str, rng: random.Random) -> pa.Table:
     table = spans(trace, names)
     durations = [rng.randint(1, 200) for _ in range(n)]
     attributes = ["{}" if c is None else f'{{"http.status_code": {c}}}' for c in codes]
-    table = table.set_column(
-        table.schema.get_field_index("start_ns"), "start_ns", pa.array(starts, pa.int64())
-    )
+    table = with_column(table, "start_ns", pa.array(starts, pa.int64()))
     ends = pa.array([s + d for s, d in zip(starts, durations, strict=True)], pa.int64())
-    table = table.set_column(table.schema.get_field_index("end_ns"), "end_ns", ends)
-    return table.set_column(table.schema.get_field_index("attributes"), "attributes", pa.array(attributes))
+    table = with_column(table, "end_ns", ends)
+    return with_column(table, "attributes", pa.array(attributes))
 
 
 def test_traceql_aggregates_over_many_windows_match_the_whole_trace() -> None:
     """Each window sees only a part, yet the verdict equals the one on the whole trace."""
-    rules = [
-        compile_rule(Rule(id=f"agg{i}", tenant="t", name=q, language="traceql", expression=q))
-        for i, q in enumerate(AGGREGATE_QUERIES)
-    ]
+    rules = numbered_rules("agg", AGGREGATE_QUERIES)
     rng = random.Random(11)
     traces = {f"{i:032x}": long_trace(f"{i:032x}", rng) for i in range(1, 25)}
     clock, hooks = Clock(), InMemoryHooks()
@@ -297,14 +304,46 @@ def test_traceql_aggregates_over_many_windows_match_the_whole_trace() -> None:
     out = tick(asm, clock, 10)
     assert out.traces == len(traces)
     assert out.spans.num_rows == 0  # every trace was judged from its summaries
-    expected = {
-        (c.rule.id, v.trace_id) for c in rules for table in traces.values() for v in c.evaluate(table)
-    }
+    expected = set(whole_violations(rules, traces))
     assert rules_of(out) == expected
     # Not vacuous: each query matches some traces and not others.
     for c in rules:
         matched = {t for rule_id, t in expected if rule_id == c.rule.id}
         assert 0 < len(matched) < len(traces), c.rule.expression
+
+
+def feed_shuffled(
+    rules: list[CompiledRule], traces: dict[str, pa.Table], window_spans: int, rng: random.Random
+) -> list[dict[str, object]]:
+    """Every trace's spans in random order and random messages; the signals of all closes."""
+    clock, hooks = Clock(), InMemoryHooks()
+    asm = make(clock, hooks, rules=rules, window_spans=window_spans)
+    seq, closed, signals = 0, 0, []
+    for table in traces.values():
+        shuffled = table.take(pa.array(rng.sample(range(table.num_rows), table.num_rows)))
+        at = 0
+        while at < shuffled.num_rows:
+            size = rng.randint(1, 30)
+            asm.add(shuffled.slice(at, size), seq=seq, offset=seq)
+            seq, at = seq + 1, at + size
+            out = tick(asm, clock, 0.01)
+            closed, signals = closed + out.traces, signals + out.signals
+            assert out.spans.num_rows == 0  # every trace was judged from its summaries
+    out = tick(asm, clock, 10)
+    assert closed + out.traces == len(traces)
+    return signals + out.signals
+
+
+def whole_violations(
+    rules: list[CompiledRule], traces: dict[str, pa.Table]
+) -> dict[tuple[str, str], set[str]]:
+    """The reference: each rule over each whole trace, (rule, trace) -> cited spans."""
+    return {
+        (c.rule.id, v.trace_id): set(v.span_ids)
+        for c in rules
+        for table in traces.values()
+        for v in c.evaluate(table)
+    }
 
 
 SEQUENCE_RULES = [
@@ -317,10 +356,7 @@ SEQUENCE_RULES = [
 
 def test_sequence_rules_over_many_windows_match_the_whole_trace() -> None:
     """Spans arrive shuffled and fall into windows at random, yet ``followed_by`` is exact."""
-    rules = [
-        compile_rule(Rule(id=f"seq{i}", tenant="t", name=q, language="sequence", expression=q))
-        for i, q in enumerate(SEQUENCE_RULES)
-    ]
+    rules = numbered_rules("seq", SEQUENCE_RULES, "sequence")
     rng = random.Random(5)
     traces: dict[str, pa.Table] = {}
     for i in range(1, 41):
@@ -328,38 +364,16 @@ def test_sequence_rules_over_many_windows_match_the_whole_trace() -> None:
         # Per trace a mix, so that each rule passes some traces and fails others.
         weights = [rng.choice([0, 1, 3, 20]), 20, rng.choice([0, 1, 10, 40]), 40]
         names = rng.choices(["pii", "audit", "http", "noise"], weights, k=table.num_rows)
-        traces[f"{i:032x}"] = table.set_column(table.schema.get_field_index("name"), "name", pa.array(names))
+        traces[f"{i:032x}"] = with_column(table, "name", pa.array(names))
     for window_spans in (10, 37):
-        clock, hooks = Clock(), InMemoryHooks()
-        asm = make(clock, hooks, rules=rules, window_spans=window_spans)
-        seq, closed, signals = 0, 0, []
-        for table in traces.values():
-            shuffled = table.take(pa.array(rng.sample(range(table.num_rows), table.num_rows)))
-            at = 0
-            while at < shuffled.num_rows:
-                size = rng.randint(1, 30)
-                asm.add(shuffled.slice(at, size), seq=seq, offset=seq)
-                seq, at = seq + 1, at + size
-                out = tick(asm, clock, 0.01)
-                closed, signals = closed + out.traces, signals + out.signals
-                assert out.spans.num_rows == 0  # every trace was judged from its summaries
-        out = tick(asm, clock, 10)
-        closed, signals = closed + out.traces, signals + out.signals
-        assert closed == len(traces)
-        expected = {
-            (c.rule.id, v.trace_id) for c in rules for table in traces.values() for v in c.evaluate(table)
-        }
+        signals = feed_shuffled(rules, traces, window_spans, rng)
+        expected = set(whole_violations(rules, traces))
         assert {(d["rule_id"], d["trace_id"]) for d in signals} == expected, window_spans
         for c in rules:  # not vacuous: each rule passes some traces and fails others
             matched = {t for rule_id, t in expected if rule_id == c.rule.id}
             assert 0 < len(matched) < len(traces), c.rule.expression
         # The evidence is the unmatched A spans themselves.
-        whole = {
-            (c.rule.id, v.trace_id): set(v.span_ids)
-            for c in rules
-            for table in traces.values()
-            for v in c.evaluate(table)
-        }
+        whole = whole_violations(rules, traces)
         for doc in signals:
             assert doc["span_ids"]
             assert set(doc["span_ids"]) <= whole[(doc["rule_id"], doc["trace_id"])]
@@ -410,8 +424,8 @@ def _at(table: pa.Table, start_ns: int) -> pa.Table:
     """``table`` with its spans moved to start at ``start_ns`` (one ns apart, as built)."""
     starts = pc.add(table.column("start_ns"), start_ns)
     ends = pc.add(table.column("end_ns"), start_ns)
-    table = table.set_column(table.schema.get_field_index("start_ns"), "start_ns", starts)
-    return table.set_column(table.schema.get_field_index("end_ns"), "end_ns", ends)
+    table = with_column(table, "start_ns", starts)
+    return with_column(table, "end_ns", ends)
 
 
 def test_an_idle_trace_waits_for_its_followed_by_deadline_before_it_is_judged() -> None:
@@ -491,53 +505,26 @@ def tree_trace(trace: str, rng: random.Random) -> pa.Table:
     table = spans(trace, names)
     ids = table.column("span_id").to_pylist()
     parents = [None] + [ids[rng.randrange(i)] for i in range(1, n)]
-    table = table.set_column(
-        table.schema.get_field_index("parent_span_id"), "parent_span_id", pa.array(parents)
-    )
+    table = with_column(table, "parent_span_id", pa.array(parents))
     ends = pa.array([i + rng.randint(1, 3) for i in range(n)], pa.int64())
-    table = table.set_column(table.schema.get_field_index("end_ns"), "end_ns", ends)
+    table = with_column(table, "end_ns", ends)
     weights_attr = ["{}" if rng.random() < 0.5 else f'{{"weight": {rng.randint(0, 9)}}}' for _ in range(n)]
-    return table.set_column(table.schema.get_field_index("attributes"), "attributes", pa.array(weights_attr))
+    return with_column(table, "attributes", pa.array(weights_attr))
 
 
 def test_structural_traceql_over_many_windows_matches_the_whole_trace() -> None:
     """Parents and children land in windows far apart, yet the verdict is the whole trace's."""
-    rules = [
-        compile_rule(Rule(id=f"tree{i}", tenant="t", name=q, language="traceql", expression=q))
-        for i, q in enumerate(STRUCTURAL_QUERIES)
-    ]
+    rules = numbered_rules("tree", STRUCTURAL_QUERIES)
     rng = random.Random(7)
     traces = {f"{i:032x}": tree_trace(f"{i:032x}", rng) for i in range(1, 41)}
-    expected = {
-        (c.rule.id, v.trace_id) for c in rules for table in traces.values() for v in c.evaluate(table)
-    }
+    expected = set(whole_violations(rules, traces))
     for c in rules:  # not vacuous: each query matches some traces and not others
         matched = {t for rule_id, t in expected if rule_id == c.rule.id}
         assert 0 < len(matched) < len(traces), c.rule.expression
     for window_spans in (10, 37):
-        clock, hooks = Clock(), InMemoryHooks()
-        asm = make(clock, hooks, rules=rules, window_spans=window_spans)
-        seq, closed, signals = 0, 0, []
-        for table in traces.values():
-            shuffled = table.take(pa.array(rng.sample(range(table.num_rows), table.num_rows)))
-            at = 0
-            while at < shuffled.num_rows:
-                size = rng.randint(1, 30)
-                asm.add(shuffled.slice(at, size), seq=seq, offset=seq)
-                seq, at = seq + 1, at + size
-                out = tick(asm, clock, 0.01)
-                closed, signals = closed + out.traces, signals + out.signals
-                assert out.spans.num_rows == 0  # every trace was judged from its summaries
-        out = tick(asm, clock, 10)
-        closed, signals = closed + out.traces, signals + out.signals
-        assert closed == len(traces)
+        signals = feed_shuffled(rules, traces, window_spans, rng)
         assert {(d["rule_id"], d["trace_id"]) for d in signals} == expected, window_spans
-        whole = {
-            (c.rule.id, v.trace_id): set(v.span_ids)
-            for c in rules
-            for table in traces.values()
-            for v in c.evaluate(table)
-        }
+        whole = whole_violations(rules, traces)
         for doc in signals:  # the evidence: spans of the whole trace's match
             assert doc["span_ids"]
             assert set(doc["span_ids"]) <= whole[(doc["rule_id"], doc["trace_id"])]
@@ -558,9 +545,7 @@ def test_a_late_parent_turns_a_structural_verdict_exactly_once() -> None:
     table = spans(T1, ["root", "mid", *(["noise"] * 30), "db"])
     ids = table.column("span_id").to_pylist()
     parents = [None, ids[0]] + [ids[1]] * (table.num_rows - 2)
-    table = table.set_column(
-        table.schema.get_field_index("parent_span_id"), "parent_span_id", pa.array(parents)
-    )
+    table = with_column(table, "parent_span_id", pa.array(parents))
     asm.add(table.slice(1), seq=0, offset=0)  # everything but the root
     out = tick(asm, clock, 10)
     # Forwarded whole to the evaluate stage, which finds "mid" without its root parent.
@@ -616,9 +601,7 @@ def test_past_the_tree_cap_later_windows_are_judged_alone_and_the_signal_says_so
     table = spans(T1, [*(["noise"] * 30), "a", "b"])
     ids = table.column("span_id").to_pylist()
     parents = [None] * 31 + [ids[30]]
-    table = table.set_column(
-        table.schema.get_field_index("parent_span_id"), "parent_span_id", pa.array(parents)
-    )
+    table = with_column(table, "parent_span_id", pa.array(parents))
     for i in range(0, table.num_rows, 4):
         asm.add(table.slice(i, 4), seq=i, offset=i)
         tick(asm, clock, 0.01)

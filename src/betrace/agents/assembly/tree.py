@@ -165,27 +165,40 @@ def _width(i: int) -> int:
     return 8 if i % 2 == 0 else 1
 
 
-def _filters(node: tq.Stage) -> Iterator[tq.Filter]:
+def _nodes(node: tq.Stage) -> Iterator[tq.Stage]:
+    """Every node of a query, operands and pipeline stages included."""
+    yield node
     match node:
-        case tq.Filter():
-            yield node
         case tq.SpansetOp(left=left, right=right):
-            yield from _filters(left)
-            yield from _filters(right)
+            yield from _nodes(left)
+            yield from _nodes(right)
         case tq.Pipeline(stages=stages):
             for stage in stages:
-                yield from _filters(stage)
+                yield from _nodes(stage)
 
 
-def _ops(node: tq.Stage) -> Iterator[str]:
-    match node:
-        case tq.SpansetOp(op=op, left=left, right=right):
-            yield op
-            yield from _ops(left)
-            yield from _ops(right)
-        case tq.Pipeline(stages=stages):
-            for stage in stages:
-                yield from _ops(stage)
+def _filters(query: tq.Stage) -> list[tq.Filter]:
+    return [n for n in _nodes(query) if isinstance(n, tq.Filter)]
+
+
+def _ops(query: tq.Stage) -> list[str]:
+    return [n.op for n in _nodes(query) if isinstance(n, tq.SpansetOp)]
+
+
+def _groupings(query: tq.Stage) -> list[fx.Expr]:
+    """The expressions of the query's ``by(...)`` stages."""
+    return [n.expr for n in _nodes(query) if isinstance(n, tq.By)]
+
+
+def _arguments(query: tq.Stage) -> list[fx.Expr]:
+    """The arguments of the query's value aggregates (``avg(duration)``: ``duration``)."""
+    return [
+        a.arg
+        for n in _nodes(query)
+        if isinstance(n, tq.AggregateFilter)
+        for a in (n.left, n.right)
+        if isinstance(a, tq.Aggregate) and a.arg is not None
+    ]
 
 
 def _supported(node: tq.Stage) -> bool:
@@ -205,34 +218,6 @@ def _supported(node: tq.Stage) -> bool:
             )
     # by(expr): groups by a per-span value, kept per span
     return not any(_of_tree(f) for f in _reads(node.expr))
-
-
-def _groupings(node: tq.Stage) -> Iterator[fx.Expr]:
-    """The expressions of the query's ``by(...)`` stages."""
-    match node:
-        case tq.By(expr=expr):
-            yield expr
-        case tq.SpansetOp(left=left, right=right):
-            yield from _groupings(left)
-            yield from _groupings(right)
-        case tq.Pipeline(stages=stages):
-            for stage in stages:
-                yield from _groupings(stage)
-
-
-def _arguments(node: tq.Stage) -> Iterator[fx.Expr]:
-    """The arguments of the query's value aggregates (``avg(duration)``: ``duration``)."""
-    match node:
-        case tq.AggregateFilter(left=left, right=right):
-            for a in (left, right):
-                if isinstance(a, tq.Aggregate) and a.arg is not None:
-                    yield a.arg
-        case tq.SpansetOp(left=left, right=right):
-            yield from _arguments(left)
-            yield from _arguments(right)
-        case tq.Pipeline(stages=stages):
-            for stage in stages:
-                yield from _arguments(stage)
 
 
 def _reads(expr: fx.Expr) -> Iterator[fx.Field]:
@@ -304,10 +289,10 @@ class TreeQuery:
         )
         #: A chain reading the trace: keep one span per window even when it passes no span part.
         self.representative = not self.keep_all and any(_of_tree(f) for f in fields)
-        args = list(_arguments(query))
+        args = _arguments(query)
         self.numbers = [fx.compile_value(arg) for arg in args]  # per argument, over a window
         column = {id(arg): f"v{j}" for j, arg in enumerate(args)}
-        groupings = list(_groupings(query))
+        groupings = _groupings(query)
         self.group_keys = [Sources().group_key(expr) for expr in groupings]  # per by(), over a window
         column |= {id(expr): f"k{j}" for j, expr in enumerate(groupings)}
         self.run = compile_pipeline(
