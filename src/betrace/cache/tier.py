@@ -338,12 +338,15 @@ class NamedCache:
             self._miss(len(wanted) - remote)
         return found
 
-    async def aset_many(self, items: Mapping[str, bytes], ttl_s: float | None = None) -> None:
-        """Write ``items`` locally and to Redis in one pipeline (SET PX each)."""
+    async def aset_many(
+        self, items: Mapping[str, bytes], ttl_s: float | None = None, *, local: bool = True
+    ) -> None:
+        """Write ``items`` to Redis in one pipeline (SET PX each), and to the LRU unless not ``local``."""
         if not items:
             return
-        for key, value in items.items():
-            self.local.put(key, value, ttl_s)
+        if local:
+            for key, value in items.items():
+                self.local.put(key, value, ttl_s)
         ttl = self._ttl_ms(ttl_s)
         framed = [(self.tier.redis_key(self.name, k), self._frame(v)) for k, v in items.items()]
 

@@ -97,7 +97,10 @@ class TraceMetaCache:
 
     async def _send(self, by_ttl: dict[int, dict[str, bytes]]) -> None:
         for ttl, items in by_ttl.items():
-            await self.cache.aset_many(items, ttl_s=float(ttl))
+            # Not into the in-process LRU: the assembler already remembers its own decisions,
+            # and the LRU's copies held 4-16 KB per trace (orjson's output buffers) up to its
+            # 50,000-entry cap.
+            await self.cache.aset_many(items, ttl_s=float(ttl), local=False)
 
     async def lookup(self, trace_ids: Iterable[str]) -> dict[str, bytes]:
         """Encoded decisions of the given traces that some worker decided and that are still live."""

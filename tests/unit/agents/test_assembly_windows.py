@@ -178,6 +178,29 @@ def test_late_span_emits_only_on_pass_to_violation_and_never_twice() -> None:
     assert tick(asm, clock, 1).signals == []  # violation to pass: no retraction, no signal
 
 
+def test_a_remembered_decision_keeps_only_its_json_and_loses_no_change() -> None:
+    import orjson
+
+    from betrace.agents.assembly.state import Decision, decode_decision
+    from betrace.agents.assembly.summary import RuleSummary
+
+    decision = Decision(
+        "t", 0, 1.0, 5, 1, {"pii@1": RuleSummary(counts=[1, 0], evidence=["a"]), "x@1": RuleSummary()}
+    )
+    record = decision.encode()
+    # Fields at their defaults are left out of the record; the reader fills them in.
+    assert orjson.loads(record)["summaries"] == {"pii@1": {"c": [1, 0], "e": ["a"]}, "x@1": {}}
+    decision.compact()
+    assert decision.summaries == decode_decision(0, record).summaries
+    decision.compact()
+    decision.summaries_to_change()["pii@1"].counts = [1, 1]  # a late audit.log, not encoded yet
+    decision.compact()
+    assert decision.summaries["pii@1"].counts == [1, 1]
+    assert decode_decision(0, decision.encode()).summaries["pii@1"] == RuleSummary(
+        counts=[1, 1], evidence=["a"]
+    )
+
+
 def test_replayed_rows_are_skipped_by_offset() -> None:
     clock, hooks = Clock(), InMemoryHooks()
     asm = make(clock, hooks)

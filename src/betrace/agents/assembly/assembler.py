@@ -151,6 +151,8 @@ class TraceAssembler:
         self._all: dict[str, OpenTrace] = {}  # first-seen order: oldest first
         self._idle: dict[str, dict[str, OpenTrace]] = {}  # per tenant, last-touch order
         self._decisions: dict[str, Decision] = {}  # closed order
+        #: Written last tick, summaries still as objects for in-process readers of the writes.
+        self._to_compact: list[Decision] = []
         self._late: dict[str, list[tuple[pa.Table, int, int]]] = {}  # rows, seq, offset
         self._fold_due: set[str] = set()
         self._force: dict[str, Cause] = {}
@@ -258,6 +260,9 @@ class TraceAssembler:
     def close_due(self, *, flush_all: bool = False) -> ClosedTraces | None:
         """Fold full windows, judge late spans, close due traces, expire decisions."""
         now = self.clock()
+        for decision in self._to_compact:
+            decision.compact()
+        self._to_compact.clear()
         out = ClosedTraces(spans=EMPTY, traces=0, released=[])
         windows: list[_Window] = []
         summaries: dict[str, sm.Summaries] = {}
@@ -439,7 +444,7 @@ class TraceAssembler:
                 window_id = f"{trace_id}{sm.WINDOW_SEP}late{decision.windows}"
                 new = pa.repeat(pa.scalar(True), rows.num_rows)
                 windows.append(_Window(decision.tenant, sm.window_table(rows, window_id), new))
-                summaries[trace_id] = decision.summaries
+                summaries[trace_id] = decision.summaries_to_change()
             late.append((trace_id, decision, before, rows.num_rows, seqs))
         self._late.clear()
         return late
@@ -550,6 +555,7 @@ class TraceAssembler:
                     capped=cause == "bytes_limit",
                 )
                 self._decisions[trace.trace_id] = decision
+                self._to_compact.append(decision)
                 out.writes.append(
                     StateWrite(
                         DECISIONS_TABLE, trace.partition, trace.trace_id, encode_decision(decision), decision
@@ -620,6 +626,7 @@ class TraceAssembler:
             out.writes.append(
                 StateWrite(DECISIONS_TABLE, decision.partition, trace_id, encode_decision(decision), decision)
             )
+            self._to_compact.append(decision)
             self._unhold(seqs)
 
     def _checkpoint(self, folded: list[str], now: float, out: ClosedTraces, *, flush_all: bool) -> None:

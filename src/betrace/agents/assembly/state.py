@@ -150,17 +150,96 @@ class OpenTrace:
         return int(held)
 
 
-@dataclass(slots=True)
 class Decision:
-    """A closed trace's outcome, remembered for late spans and replay deduplication."""
+    """A closed trace's outcome, remembered for late spans and replay deduplication.
 
-    tenant: str
-    partition: int
-    closed_at: float
-    hw: int
-    windows: int
-    summaries: Summaries
-    capped: bool = False  # over the byte limit: later spans are dropped, not judged
+    Decisions stay in the cache for minutes (``decision_cache_s``), and the
+    per-rule summary objects of one trace took about three times the bytes of
+    their JSON (measured: 6.3 KB against 2.1 KB per trace on the load harness's
+    20-rule pack). So a remembered decision keeps the encoded summaries, and
+    :attr:`summaries` decodes them again only when they are read (a late span).
+    :meth:`compact` drops the objects once nothing in process reads them.
+    """
+
+    __slots__ = (
+        "_doc",
+        "_encoded",
+        "_summaries",
+        "capped",
+        "closed_at",
+        "hw",
+        "partition",
+        "tenant",
+        "windows",
+    )
+
+    def __init__(  # noqa: PLR0917 - the positional fields of the dataclass it was
+        self,
+        tenant: str,
+        partition: int,
+        closed_at: float,
+        hw: int,
+        windows: int,
+        summaries: Summaries | None = None,
+        capped: bool = False,  # over the byte limit: later spans are dropped, not judged
+        *,
+        doc: bytes = b"{}",
+    ) -> None:
+        self.tenant = tenant
+        self.partition = partition
+        self.closed_at = closed_at
+        self.hw = hw
+        self.windows = windows
+        self.capped = capped
+        self._summaries = summaries
+        self._doc = doc  # the JSON of the summaries when ``_summaries`` is None
+        self._encoded = summaries is None  # ``_doc`` matches the objects
+
+    @property
+    def summaries(self) -> Summaries:
+        """The per-rule summaries, to read (see :meth:`summaries_to_change`)."""
+        if self._summaries is None:
+            self._summaries = _summaries_from(orjson.loads(self._doc))
+        return self._summaries
+
+    def summaries_to_change(self) -> Summaries:
+        """The per-rule summaries, to fold late windows into before :meth:`encode`."""
+        summaries = self.summaries
+        self._encoded = False
+        return summaries
+
+    def encode(self) -> bytes:
+        """The changelog record; it also becomes what :meth:`compact` keeps."""
+        if self._summaries is not None:
+            self._doc = _held(summaries_json(self._summaries))
+            self._encoded = True
+        return orjson.dumps(
+            {
+                "tenant": self.tenant,
+                "closed_at": self.closed_at,
+                "hw": self.hw,
+                "windows": self.windows,
+                "capped": self.capped,
+                "summaries": orjson.Fragment(self._doc),
+            }
+        )
+
+    def compact(self) -> None:
+        """Drop the summary objects and keep their JSON (free after :meth:`encode`)."""
+        if self._summaries is not None and not self._encoded:
+            self._doc = _held(summaries_json(self._summaries))
+        self._summaries = None
+        self._encoded = True
+
+
+def _held(doc: dict[str, Any]) -> bytes:
+    """``doc`` as JSON in an exactly sized bytes object.
+
+    orjson returns its output buffer as is, several times larger than the JSON
+    (measured with orjson 3.13: 16 KiB held for 2 KB of output); decisions are
+    kept for minutes, so they keep a copy.
+    """
+    return memoryview(orjson.dumps(doc)).tobytes()
 
 
 def _summaries_from(doc: dict[str, Any]) -> Summaries:
@@ -215,19 +294,11 @@ def decode_open(trace_id: str, partition: int, value: bytes) -> OpenTrace:
 
 
 def encode_decision(decision: Decision) -> bytes:
-    return orjson.dumps(
-        {
-            "tenant": decision.tenant,
-            "closed_at": decision.closed_at,
-            "hw": decision.hw,
-            "windows": decision.windows,
-            "capped": decision.capped,
-            "summaries": summaries_json(decision.summaries),
-        }
-    )
+    return decision.encode()
 
 
 def decode_decision(partition: int, value: bytes) -> Decision:
+    """A decision from its record, with its summaries left encoded until they are read."""
     doc = orjson.loads(value)
     return Decision(
         tenant=doc["tenant"],
@@ -235,6 +306,6 @@ def decode_decision(partition: int, value: bytes) -> Decision:
         closed_at=float(doc["closed_at"]),
         hw=int(doc["hw"]),
         windows=int(doc["windows"]),
-        summaries=_summaries_from(doc["summaries"]),
         capped=bool(doc.get("capped")),
+        doc=_held(doc["summaries"]),
     )
