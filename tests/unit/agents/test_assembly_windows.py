@@ -582,9 +582,10 @@ def test_a_late_parent_turns_a_structural_verdict_exactly_once() -> None:
 
 
 def test_tree_state_survives_its_json_form_and_caps_what_it_keeps() -> None:
+    import orjson
+
     from betrace.agents.assembly import tree as tr
-    from betrace.agents.assembly.state import _summaries_from
-    from betrace.agents.assembly.summary import RuleSummary, summaries_json
+    from betrace.agents.assembly.summary import RuleSummary, summaries_from_json, summaries_json
 
     state = tr.TreeState()
     n = tr.MAX_TREE_SPANS + 5
@@ -593,8 +594,15 @@ def test_tree_state_survives_its_json_form_and_caps_what_it_keeps() -> None:
     )
     state.note_trace(5, 90, ("checkout", "web"))
     assert (state.spans, state.lost) == (tr.MAX_TREE_SPANS, 5)
-    again = _summaries_from(summaries_json({"k": RuleSummary(tree=state)}))["k"].tree
+    again = summaries_from_json(summaries_json({"k": RuleSummary(tree=state)}))["k"].tree
     assert again == state
+    # Two rules that keep the same spans write them once.
+    other = state.copy()
+    other.bits = bytes(len(state.bits))
+    doc = summaries_json({"k": RuleSummary(tree=state), "j": RuleSummary(tree=other)})
+    assert doc["j"]["t"]["i"] == "=k" and "p" not in doc["j"]["t"]
+    back = summaries_from_json(orjson.loads(orjson.dumps(doc)))
+    assert (back["k"].tree, back["j"].tree) == (state, other)
     merged = again.copy()
     merged.merge(state)
     assert (merged.spans, merged.lost) == (tr.MAX_TREE_SPANS, 5 + n)

@@ -23,7 +23,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from betrace.agents.assembly.summary import RuleSummary, Summaries, summaries_json
+from betrace.agents.assembly.summary import Summaries, summaries_from_json, summaries_json
 from betrace.streams.codecs import ipc_to_table, table_to_ipc
 from betrace.streams.schemas import SPAN_SCHEMA
 
@@ -199,7 +199,7 @@ class Decision:
     def summaries(self) -> Summaries:
         """The per-rule summaries, to read (see :meth:`summaries_to_change`)."""
         if self._summaries is None:
-            self._summaries = _summaries_from(orjson.loads(self._doc))
+            self._summaries = summaries_from_json(orjson.loads(self._doc))
         return self._summaries
 
     def summaries_to_change(self) -> Summaries:
@@ -240,10 +240,6 @@ def _held(doc: dict[str, Any]) -> bytes:
     kept for minutes, so they keep a copy.
     """
     return memoryview(orjson.dumps(doc)).tobytes()
-
-
-def _summaries_from(doc: dict[str, Any]) -> Summaries:
-    return {k: RuleSummary.from_json(v) for k, v in doc.items()}
 
 
 def encode_open(trace: OpenTrace) -> bytes:
@@ -288,7 +284,7 @@ def decode_open(trace_id: str, partition: int, value: bytes) -> OpenTrace:
         windows=int(head["windows"]),
         spans=int(head["spans"]),
         bytes=int(head["bytes"]),
-        summaries=_summaries_from(head["summaries"]),
+        summaries=summaries_from_json(head["summaries"]),
         checkpointed=True,
     )
 

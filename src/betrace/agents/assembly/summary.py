@@ -63,6 +63,8 @@ _CMP: dict[str, Callable[[float, float], bool]] = {
 }  # fmt: skip
 
 RulesFor = Callable[[str], list[CompiledRule]]
+#: A tree's span ids that start with this name the rule whose tree holds them (ids are hex).
+_SAME_TREE = "="
 
 
 def rule_key(compiled: CompiledRule) -> str:
@@ -106,6 +108,7 @@ def summaries_json(summaries: Summaries) -> dict[str, Any]:
     every closed trace, is also faster than a comprehension over field pairs.
     """
     out: dict[str, Any] = {}
+    trees: dict[str, str] = {}  # span ids of a tree -> the first rule that wrote them
     for k, s in summaries.items():
         doc: dict[str, Any] = {}
         if s.counts is not None:
@@ -119,8 +122,30 @@ def summaries_json(summaries: Summaries) -> dict[str, Any]:
         if s.seq is not None:
             doc["s"] = s.seq.as_json()
         if s.tree is not None:
-            doc["t"] = s.tree.as_json()
+            doc["t"] = tree = s.tree.as_json()
+            # Rules that keep every span of the trace keep the same ids and parents:
+            # written once per decision, then referred to by rule key.
+            first = trees.setdefault(tree["i"], k)
+            if first != k and tree["i"]:
+                tree["i"] = _SAME_TREE + first
+                if tree["p"] == out[first]["t"]["p"]:
+                    del tree["p"]
         out[k] = doc
+    return out
+
+
+def summaries_from_json(doc: dict[str, Any]) -> Summaries:
+    """The inverse of :func:`summaries_json`."""
+    out: Summaries = {}
+    for k, v in doc.items():
+        tree = v.get("t")
+        if tree is not None and tree["i"].startswith(_SAME_TREE):
+            first = out[tree["i"][len(_SAME_TREE) :]].tree
+            if first is None:
+                msg = f"rule {k} refers to the tree of a rule that has none: {tree['i']!r}"
+                raise ValueError(msg)
+            v = {**v, "t": {**tree, "i": first.ids, "p": tree.get("p", first.parents)}}  # noqa: PLW2901
+        out[k] = RuleSummary.from_json(v)
     return out
 
 
