@@ -158,6 +158,13 @@ async def test_tenant_ledgers_keep_one_file_per_owned_tenant(tmp_path: Path) -> 
     assert await ledgers.record(docs) == (6, 0)
     assert await ledgers.record(docs[:2]) == (0, 2)  # a replay counts nothing twice
     assert [c.signals for c in await ledgers.run(ledgers.counts, "default", "r1")] == [5]
+    # One batch of several tenants: each on its own ledger, written at once.
+    owned.update({"acme", "globex"})
+    mixed = [_signal(t, "r1", i) for i in range(3) for t in ("acme", "globex", "default")]
+    assert await ledgers.record(mixed) == (6, 3)
+    assert [[c.signals for c in ledgers.counts(t, "r1")] for t in ("acme", "globex")] == [[3], [3]]
+    owned.difference_update({"acme", "globex"})
+    assert sorted(await ledgers.release(["acme", "globex"])) == ["acme", "globex"]
     assert tenant_ledger_path(tmp_path, "default").exists()
     with pytest.raises(LedgerLockedError, match="another worker owns"):
         await ledgers.record([_signal("initech", "r1", 1)])

@@ -106,15 +106,26 @@ class TenantLedgers:
 
     async def record(self, docs: list[dict[str, Any]]) -> tuple[int, int]:
         """Record signals on their tenants' ledgers; return (newly counted, already recorded)."""
-        by_tenant: dict[str, list[dict[str, Any]]] = {}
+        tenants = list(dict.fromkeys(doc["tenant"] for doc in docs))
+        opened = await asyncio.to_thread(lambda: [self.for_tenant(t) for t in tenants])
+        # Distinct ledgers write at once (each has its own writer thread); one after the
+        # other, a batch of many tenants waited for one event-loop turn per step and tenant.
+        groups: dict[int, tuple[SignalLedger, list[dict[str, Any]]]] = {}
+        ledger_of = {
+            t: groups.setdefault(id(ledger), (ledger, []))[1]
+            for t, ledger in zip(tenants, opened, strict=True)
+        }
         for doc in docs:
-            by_tenant.setdefault(doc["tenant"], []).append(doc)
-        created = duplicates = 0
-        for tenant, group in by_tenant.items():
-            ledger = await asyncio.to_thread(self.for_tenant, tenant)
-            c, d = await ledger.record(group)
-            created, duplicates = created + c, duplicates + d
-        return created, duplicates
+            ledger_of[doc["tenant"]].append(doc)
+        # All finish before a failure is raised: a retry must not race a ledger still writing.
+        done = await asyncio.gather(
+            *(ledger.record(group) for ledger, group in groups.values()), return_exceptions=True
+        )
+        for result in done:
+            if isinstance(result, BaseException):
+                raise result
+        counts = [r for r in done if not isinstance(r, BaseException)]
+        return sum(c for c, _ in counts), sum(d for _, d in counts)
 
     async def run(self, fn: Any, *args: Any) -> Any:
         """Run a blocking call off the event loop (each ledger serializes its own work)."""
