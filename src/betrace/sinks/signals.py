@@ -94,9 +94,8 @@ class SignalSink(BatchingSink[dict[str, Any]]):
 
         Each step runs once for all tenants of the batch: every step is a hop to a
         writer thread and back, and on a busy event loop each hop waits for a turn
-        of the loop. Step by step per tenant, a batch of 10 tenants' signals took
-        seconds to publish (measured: 5.9 s median from the candidate to the topic
-        at 3,000 spans/s with 10 tenants).
+        of the loop. Step by step per tenant, 10 tenants' signals took 3.5 s (median)
+        from the candidate topic to the signals topic at 3,000 spans/s; 0.8 s so.
         """
         by_tenant: dict[str, list[dict[str, Any]]] = {}
         for doc in batch:
