@@ -8,7 +8,9 @@ aiokafka producer and pre-encoded OTLP protobuf messages with ground truth)
 at a target total rate for a duration. Every second it samples produced and
 consumed spans (committed offsets), lag per consumer group, RSS and CPU of
 each worker (from /proc), produce-to-signal latency (``source_produced_ms``
-of each signal) and rule-evaluation time per batch (the workers'
+of each signal, also split at the signal's candidate record on
+``betrace.signals.pending``: the stages before the signal sink, then the sink)
+and rule-evaluation time per batch (the workers'
 ``betrace_evaluate_seconds`` histogram). At the end it checks exactly-once
 (stored spans == produced, signals == ground truth, ledger transfers ==
 signals), prints a summary and a compact table, and writes ``result.json``
@@ -166,7 +168,9 @@ class LoadTest:
             self.members = {self.cfg.app_id: args.workers}
             self.input_group = self.cfg.app_id
         self.samples: list[dict[str, Any]] = []
-        self.signals: list[dict[str, Any]] = []  # {"t", "latency_ms", "key", "signal_id"}
+        self.signals: list[dict[str, Any]] = []  # {"t", "latency_ms", "key", "signal_id", "ts", "source_ms"}
+        #: signal id -> Kafka timestamp of its first candidate record (``betrace.signals.pending``).
+        self.candidates: dict[str, int] = {}
         self.start = 0.0
         self.failures: list[str] = []
         self.warnings: list[str] = []
@@ -234,21 +238,28 @@ class LoadTest:
     # --- sampling --------------------------------------------------------
 
     async def follow_signals(self, stop: asyncio.Event) -> None:
+        """Signals and their candidates: the split shows whether the sink or the stages before it wait."""
+        pending = verdicts_topic(self.cfg)
         consumer = AIOKafkaConsumer(
-            self.cfg.topics.signals, bootstrap_servers=self.cfg.brokers, auto_offset_reset="earliest"
+            self.cfg.topics.signals, pending, bootstrap_servers=self.cfg.brokers, auto_offset_reset="earliest"
         )
         await consumer.start()
         try:
             while not stop.is_set():
-                for records in (await consumer.getmany(timeout_ms=200)).values():
+                for tp, records in (await consumer.getmany(timeout_ms=200)).items():
                     for r in records:
                         doc = json.loads(r.value)
+                        if tp.topic == pending:
+                            self.candidates.setdefault(doc["signal_id"], r.timestamp)
+                            continue
                         self.signals.append(
                             {
                                 "t": time.time() - self.start,
                                 "latency_ms": r.timestamp - doc["source_produced_ms"],
                                 "key": (doc["tenant"], doc["rule_id"], doc["trace_id"]),
                                 "signal_id": doc["signal_id"],
+                                "ts": r.timestamp,
+                                "source_ms": doc["source_produced_ms"],
                             }
                         )
         finally:

@@ -114,6 +114,10 @@ def summarise(test: Any, results: list[ProducerResult]) -> dict[str, Any]:
 
     lat = sorted(s["latency_ms"] for s in test.signals)
     lat_steady = sorted(s["latency_ms"] for s in test.signals if warm_t < s["t"] <= args.duration)
+    split = [
+        (c - s["source_ms"], s["ts"] - c) for s in test.signals if (c := test.candidates.get(s["signal_id"]))
+    ]
+    to_candidate, in_sink = sorted(a for a, _ in split), sorted(b for _, b in split)
     hist = getattr(test, "eval_hist_total", {}) or {}
     batches = max(hist.values()) if hist else 0
 
@@ -172,6 +176,11 @@ def summarise(test: Any, results: list[ProducerResult]) -> dict[str, Any]:
             "steady_p50": q(lat_steady, 0.5),
             "steady_p99": q(lat_steady, 0.99),
             "includes_idle_timeout_s": args.idle_timeout,
+            # The same signals split at their candidate record: ingest + assembly + evaluate, then the sink.
+            "to_candidate_p50": q(to_candidate, 0.5),
+            "to_candidate_p99": q(to_candidate, 0.99),
+            "sink_p50": q(in_sink, 0.5),
+            "sink_p99": q(in_sink, 0.99),
         },
         "evaluate_ms": {
             "batches": int(batches),
@@ -217,6 +226,11 @@ def print_report(result: dict[str, Any]) -> None:
         f"{lat['includes_idle_timeout_s']}s idle timeout): p50 {lat['p50']} ms, p90 {lat['p90']} ms, "
         f"p99 {lat['p99']} ms, max {lat['max']} ms; "
         f"after warm-up p99 {lat['steady_p99']} ms"
+    )
+    print(
+        f"  of which input -> candidate (ingest, assembly, evaluate) p50 {lat['to_candidate_p50']} ms, "
+        f"p99 {lat['to_candidate_p99']} ms; candidate -> signal (signal sink) p50 {lat['sink_p50']} ms, "
+        f"p99 {lat['sink_p99']} ms"
     )
     print(
         f"rule evaluation per batch ({ev['batches']:,} batches, from the workers' histogram): "
