@@ -9,8 +9,9 @@ import pyarrow.compute as pc
 from tests.unit.agents.test_assembly_windows import spans
 
 from betrace.agents.assembly import summary as sm
-from betrace.agents.assembly.shared import fold_tenants
-from betrace.rules.engine import compile_rule
+from betrace.agents.assembly.shared import fold_tenants, sequence_deadlines
+from betrace.agents.assembly.state import OpenTrace, piece
+from betrace.rules.engine import CompiledSequenceRule, compile_rule
 from betrace.rules.model import CompiledRule, Rule
 
 PACK = [
@@ -130,3 +131,48 @@ def test_a_trace_id_under_two_tenants_falls_back_to_per_tenant() -> None:
     fold_tenants(RULES.__getitem__, table, new, shared)
     assert shared == expected
     assert "pii@3" in shared["1" * 32]  # tenant b's rule saw its own span of that id
+
+
+def _seq(tenant: str, rule_id: str, expression: str, version: int = 1) -> CompiledSequenceRule:
+    compiled = compile_rule(
+        Rule(
+            id=rule_id,
+            tenant=tenant,
+            name=rule_id,
+            language="sequence",
+            expression=expression,
+            version=version,
+        )
+    )
+    assert isinstance(compiled, CompiledSequenceRule)
+    return compiled
+
+
+def test_sequence_deadlines_once_per_program_equal_per_tenant() -> None:
+    """Tenants share a program, one has a second version, one has another program only."""
+    audit, fraud = "pii.access followed_by audit.log within 30ns", "charge followed_by check within 5ns"
+    rules = {
+        "a": [_seq("a", "audit", audit)],
+        "b": [_seq("b", "audit", audit, version=2), _seq("b", "audit-v3", audit, version=3)],
+        "c": [_seq("c", "fraud", fraud)],
+    }
+    shapes = {
+        ("a", "1" * 32): ["x", "pii.access", "pii.access"],
+        ("a", "2" * 32): ["pii.access", "audit.log"],
+        ("b", "3" * 32): ["pii.access", "charge"],
+        ("c", "4" * 32): ["pii.access", "charge", "x"],
+        ("c", "5" * 32): ["charge", "check"],
+    }
+    traces = [
+        OpenTrace(trace_id, tenant, 0, 0.0, 0.0, chunks=[piece(t)], rows=t.num_rows)
+        for (tenant, trace_id), names in shapes.items()
+        for t in [spans(trace_id, names, tenant=tenant, start=100)]
+    ]
+    together = sequence_deadlines(rules, traces)
+    alone: dict[str, int] = {}
+    for tenant, compiled in rules.items():
+        alone |= sequence_deadlines({tenant: compiled}, [t for t in traces if t.tenant == tenant])
+    assert together == alone
+    # The first unmatched A span ends at 101 + its index (as built), its deadline ``within`` later.
+    assert together == {"1" * 32: 132, "2" * 32: 0, "3" * 32: 131, "4" * 32: 107, "5" * 32: 0}
+    assert sequence_deadlines(rules, []) == {}

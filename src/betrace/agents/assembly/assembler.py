@@ -32,8 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from betrace.agents.assembly import summary as sm
-from betrace.agents.assembly.sequence import window_states
-from betrace.agents.assembly.shared import fold_tenants
+from betrace.agents.assembly.shared import fold_tenants, sequence_deadlines
 from betrace.agents.assembly.state import (
     EMPTY,
     Decision,
@@ -335,7 +334,7 @@ class TraceAssembler:
         the rows held. Limits and the maximum age still close it.
         """
         rules: dict[str, list[CompiledSequenceRule]] = {}
-        by_tenant: dict[str, list[OpenTrace]] = {}
+        traces: list[OpenTrace] = []
         for trace_id, cause in due.items():
             if cause == "idle":
                 trace = self._all[trace_id]
@@ -344,33 +343,13 @@ class TraceAssembler:
                         c for c in self._rules(trace.tenant) if isinstance(c, CompiledSequenceRule)
                     ]
                 if rules[trace.tenant]:
-                    by_tenant.setdefault(trace.tenant, []).append(trace)
+                    traces.append(trace)
         now_ns = int(now * 1e9)
-        for tenant, traces in by_tenant.items():
-            rows = gather([p for t in traces for p in ([piece(t.overlap)] if t.windows else []) + t.chunks])
-            hold = dict.fromkeys((t.trace_id for t in traces), 0)
-            for compiled in rules[tenant]:
-                ctx = compiled.context(rows)
-                ids = ctx.trace_ids.to_pylist()
-                states = window_states(compiled.program, ctx, ctx.all_true)
-                found = {ids[code]: state for code, state in states.items()}
-                key, within = sm.rule_key(compiled), compiled.program.ast.within_ns
-                for trace in traces:
-                    state = found.get(trace.trace_id)
-                    summary = trace.summaries.get(key) if trace.windows else None
-                    if summary is not None and summary.seq is not None:
-                        earlier = summary.seq.copy()  # what the folded windows left, not changed here
-                        if state is not None:
-                            earlier.merge(state)
-                        state = earlier
-                    at = state.earliest_deadline(within) if state is not None else None
-                    if at is not None:
-                        hold[trace.trace_id] = max(hold[trace.trace_id], at)
-            for trace in traces:
-                if hold[trace.trace_id] > now_ns:
-                    trace.hold_until = hold[trace.trace_id] / 1e9
-                    del due[trace.trace_id]
-                    self.hooks.count("betrace_traces_held_total", stage=STEP_ID)
+        for trace_id, at in sequence_deadlines(rules, traces).items():
+            if at > now_ns:
+                self._all[trace_id].hold_until = at / 1e9
+                del due[trace_id]
+                self.hooks.count("betrace_traces_held_total", stage=STEP_ID)
 
     def _fold(
         self, windows: list[_Window], summaries: dict[str, sm.Summaries], skip: dict[str, Cause]

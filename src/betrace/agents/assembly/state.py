@@ -33,8 +33,9 @@ EMPTY = SPAN_SCHEMA.empty_table()
 #: :func:`gather` concatenates slices up to this many runs, or runs of this many rows on average.
 _FEW_RUNS = 32
 _LONG_RUN = 256
-#: ... and when the tables hold more than this many times the rows wanted.
+#: ... and when the tables hold more than this many times the rows wanted, up to this many runs.
 _SPARSE = 4
+_SPARSE_RUNS = 128
 
 #: Rows ``start : start + length`` of a table (usually a whole message): a trace's rows
 #: are kept as such references, not as slice tables, so that taking a message and
@@ -85,8 +86,8 @@ def gather(pieces: list[Piece]) -> pa.Table:
             base[id(table)] = rows
             tables.append(table)
             rows += table.num_rows
-    if rows > _SPARSE * total:
-        # A few rows of many big tables: concatenating those would cost more.
+    if rows > _SPARSE * total and len(runs) <= _SPARSE_RUNS:
+        # A few rows of a few big tables: slices cost less than an index over all rows.
         return pa.concat_tables([piece_rows(r) for r in runs]).combine_chunks()
     # Row i of run r is row i + shift[r] of the concatenated tables.
     offsets, shift, out = [0], [], 0
@@ -97,7 +98,9 @@ def gather(pieces: list[Piece]) -> pa.Table:
     run_of = pc.list_parent_indices(pa.ListArray.from_arrays(pa.array(offsets, pa.int64()), pa.nulls(out)))
     position = pc.subtract(pc.cumulative_sum(pa.repeat(pa.scalar(1, pa.int64()), out)), 1)
     indices = pc.add(position, pc.take(pa.array(shift, pa.int64()), run_of))
-    return pa.concat_tables(tables).combine_chunks().take(indices)
+    # Taken from the chunked tables: no copy of rows that are not wanted. Concatenating
+    # hundreds of slices cost per slice and column (800 runs of 12 rows: 10-12 ms; this, 3 ms).
+    return pa.concat_tables(tables).take(indices).combine_chunks()
 
 
 @dataclass(slots=True)
