@@ -1,8 +1,9 @@
 """Structural integrity checks over spans, as one vectorised DuckDB query.
 
-The same query runs on a batch of closed traces (an Arrow table registered on
-the tenant's connection) and on the stored ``spans`` of a tenant (``betrace
-integrity check`` and the worker's periodic recheck). Kinds:
+The same query runs on a batch of closed traces of any number of tenants (an
+Arrow table registered on a scratch in-memory connection; only what it finds is
+written to each tenant's file) and on the stored ``spans`` of a tenant
+(``betrace integrity check`` and the worker's periodic recheck). Kinds:
 
 ``orphan_span``
     the parent span id never arrived: it is neither in the span's trace nor,
@@ -36,47 +37,52 @@ KINDS = (
 STORED_KINDS = KINDS[:4]
 
 #: ``{src}``: the spans to check; ``{universe}``: where a missing parent is looked for in
-#: other traces. Parameters: the clock-skew allowance in nanoseconds.
+#: other traces. Parameters: the clock-skew allowance in nanoseconds. Every key includes the
+#: tenant, so one query checks a batch of many tenants as it would check each alone.
 CHECK_SQL = """
 WITH s AS (
-    SELECT trace_id, span_id, nullif(parent_span_id, '') AS parent_span_id, name, start_ns
+    SELECT tenant, trace_id, span_id, nullif(parent_span_id, '') AS parent_span_id, name, start_ns
     FROM {src}
 ),
-own AS (SELECT trace_id, span_id, min(start_ns) AS start_ns FROM s GROUP BY trace_id, span_id),
+own AS (
+    SELECT tenant, trace_id, span_id, min(start_ns) AS start_ns FROM s GROUP BY tenant, trace_id, span_id
+),
 kids AS (
-    SELECT DISTINCT c.trace_id, c.span_id, c.parent_span_id, c.start_ns,
+    SELECT DISTINCT c.tenant, c.trace_id, c.span_id, c.parent_span_id, c.start_ns,
            p.span_id IS NOT NULL AS found, p.start_ns AS parent_start
-    FROM s c LEFT JOIN own p ON p.trace_id = c.trace_id AND p.span_id = c.parent_span_id
+    FROM s c LEFT JOIN own p
+      ON p.tenant = c.tenant AND p.trace_id = c.trace_id AND p.span_id = c.parent_span_id
     WHERE c.parent_span_id IS NOT NULL
 ),
-missing AS (SELECT DISTINCT trace_id, span_id, parent_span_id FROM kids WHERE NOT found),
+missing AS (SELECT DISTINCT tenant, trace_id, span_id, parent_span_id FROM kids WHERE NOT found),
 elsewhere AS (
-    SELECT m.trace_id, m.span_id, m.parent_span_id, min(u.trace_id) AS parent_trace_id
-    FROM missing m JOIN {universe} u ON u.span_id = m.parent_span_id AND u.trace_id <> m.trace_id
+    SELECT m.tenant, m.trace_id, m.span_id, m.parent_span_id, min(u.trace_id) AS parent_trace_id
+    FROM missing m JOIN {universe} u
+      ON u.tenant = m.tenant AND u.span_id = m.parent_span_id AND u.trace_id <> m.trace_id
     GROUP BY ALL
 )
-SELECT 'orphan_span' AS kind, m.trace_id, m.span_id,
+SELECT 'orphan_span' AS kind, m.tenant, m.trace_id, m.span_id,
        json_object('parent_span_id', m.parent_span_id) AS details
-FROM missing m ANTI JOIN elsewhere e USING (trace_id, span_id)
+FROM missing m ANTI JOIN elsewhere e USING (tenant, trace_id, span_id)
 UNION ALL
-SELECT 'parent_in_other_trace', trace_id, span_id,
+SELECT 'parent_in_other_trace', tenant, trace_id, span_id,
        json_object('parent_span_id', parent_span_id, 'parent_trace_id', parent_trace_id)
 FROM elsewhere
 UNION ALL
-SELECT 'child_before_parent', trace_id, span_id,
+SELECT 'child_before_parent', tenant, trace_id, span_id,
        json_object('parent_span_id', parent_span_id,
                    'early_by_ms', round((parent_start - min(start_ns)) / 1e6, 3),
                    'allowance_ms', round(? / 1e6, 3))
-FROM kids WHERE found GROUP BY trace_id, span_id, parent_span_id, parent_start
+FROM kids WHERE found GROUP BY tenant, trace_id, span_id, parent_span_id, parent_start
 HAVING min(start_ns) < parent_start - ?
 UNION ALL
-SELECT 'missing_root', trace_id, '',
+SELECT 'missing_root', tenant, trace_id, '',
        json_object('spans', count(DISTINCT span_id))
-FROM s GROUP BY trace_id HAVING count(*) FILTER (WHERE parent_span_id IS NULL) = 0
+FROM s GROUP BY tenant, trace_id HAVING count(*) FILTER (WHERE parent_span_id IS NULL) = 0
 UNION ALL
-SELECT 'conflicting_duplicate', trace_id, span_id,
+SELECT 'conflicting_duplicate', tenant, trace_id, span_id,
        json_object('versions', count(DISTINCT (parent_span_id, name, start_ns)))
-FROM s GROUP BY trace_id, span_id
+FROM s GROUP BY tenant, trace_id, span_id
 HAVING count(DISTINCT (coalesce(parent_span_id, ''), name, start_ns)) > 1
 """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,9 @@ import pyarrow as pa
 import pytest
 
 from betrace.integrity.checks import anomaly_id
+from betrace.integrity.sink import IntegritySink
 from betrace.integrity.store import check_closed, check_stored, count_by_kind, list_anomalies
+from betrace.metrics import InMemoryHooks
 from betrace.sinks.duckdb_store import TenantStore
 from betrace.streams.schemas import SPAN_SCHEMA
 
@@ -153,3 +156,31 @@ def test_since_limits_the_recheck_to_recent_traces(store: TenantStore) -> None:
         later = 1_700_000_000_000 * MS + 3_600_000 * MS
         assert check_stored(con, "acme", since_ns=later, skew_ns=SKEW_NS).traces == 0
         assert check_stored(con, "acme", since_ns=None, skew_ns=SKEW_NS).traces == 1
+
+
+def test_the_close_sink_checks_many_tenants_in_one_query_as_each_alone(store: TenantStore) -> None:
+    """Keys include the tenant: another tenant's span is never a parent, nor a duplicate."""
+    t3 = "c" * 32
+    acme = [{**r, "tenant": "acme"} for r in BROKEN]
+    zeta = [{**r, "tenant": "zeta"} for r in BROKEN] + [{**span(t3, "ff", None, 0), "tenant": "zeta"}]
+    sink = IntegritySink(store, skew_ms=SKEW_NS / MS, max_spans=1_000, hooks=InMemoryHooks())
+    assert sink.offer(table(acme + zeta))
+    asyncio.run(sink.flush())
+    assert kinds(store) == sorted(
+        [
+            ("child_before_parent", T1, "03".ljust(16, "0")),
+            ("orphan_span", T1, "04".ljust(16, "0")),  # "ff" is only zeta's
+            ("parent_in_other_trace", T2, "05".ljust(16, "0")),
+            ("missing_root", T2, ""),
+            ("conflicting_duplicate", T2, "06".ljust(16, "0")),
+        ]
+    )
+    with store.cursor("zeta") as con:
+        zeta_kinds = sorted((i["kind"], i["trace_id"]) for i in list_anomalies(con).items)
+    assert ("parent_in_other_trace", T1) in zeta_kinds and ("orphan_span", T1) not in zeta_kinds
+    assert len(zeta_kinds) == 5
+    # A clean batch writes nothing, not even the table, to the tenant's file.
+    assert sink.offer(table([{**span(t3, "01", None, 0), "tenant": "clean"}]))
+    asyncio.run(sink.flush())
+    with store.cursor("clean") as con:
+        assert list_anomalies(con).items == []
