@@ -276,6 +276,10 @@ class EmbeddedLedger:
             " (SELECT coalesce(max(timestamp), 0) FROM transfers))"
         ).fetchone()
         self._last_ts = int(row[0]) if row else 0
+        #: The writer's accounts as committed (this process holds the file's only write
+        #: lock): a transfer batch then skips one of its five statements. Cleared on any
+        #: failed write, so a rolled-back balance is read back from the file.
+        self._accounts: dict[int, Account] = {}
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -372,7 +376,9 @@ class EmbeddedLedger:
         with self._lock:
             known = {t.id: t for t in self._lookup_transfers({t.id for t in transfers})}
             wanted = {t.debit_account_id for t in transfers} | {t.credit_account_id for t in transfers}
-            accounts = {a.id: a for a in self._lookup_accounts(wanted)}
+            accounts = {i: self._accounts[i] for i in wanted if i in self._accounts}
+            if len(accounts) < len(wanted):
+                accounts |= {a.id: a for a in self._lookup_accounts(wanted - accounts.keys())}
             balances = {a.id: (a.debits_posted, a.credits_posted) for a in accounts.values()}
             new: dict[int, tuple[Transfer, int]] = {}
 
@@ -426,6 +432,8 @@ class EmbeddedLedger:
                         con.unregister("_balances")
 
                 self._commit(persist)
+            for i, a in accounts.items():
+                self._accounts[i] = replace(a, debits_posted=balances[i][0], credits_posted=balances[i][1])
         return [CreateTransferResult(timestamp=ts, status=status) for ts, status in results]
 
     @staticmethod
@@ -499,9 +507,12 @@ class EmbeddedLedger:
                 con.execute("ROLLBACK")
                 raise
             con.execute("COMMIT")
-        except duckdb.Error as exc:
-            msg = f"embedded ledger write failed: {exc}"
-            raise LedgerError(msg) from exc
+        except BaseException as exc:
+            self._accounts.clear()  # read back from the file: the balances were not written
+            if isinstance(exc, duckdb.Error):
+                msg = f"embedded ledger write failed: {exc}"
+                raise LedgerError(msg) from exc
+            raise
 
     @staticmethod
     def _insert_table(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None:
