@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import platform
 import random
 import sys
@@ -27,12 +28,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import pyarrow as pa  # noqa: E402
+from harness import probes  # noqa: E402
 
 from betrace.config import Settings  # noqa: E402
 from betrace.metrics import InMemoryHooks  # noqa: E402
-from betrace.sinks.duckdb_store import DEFAULT_CHECKPOINT_MIB, SpanStoreSink, TenantStore  # noqa: E402
+from betrace.sinks.duckdb_store import (  # noqa: E402
+    DEFAULT_CHECKPOINT_MIB,
+    DEFAULT_MEMORY_MIB,
+    SpanStoreSink,
+    TenantStore,
+)
 from betrace.sinks.ledger import EmbeddedLedger, SignalLedger  # noqa: E402
 from betrace.streams.schemas import SPAN_SCHEMA  # noqa: E402
 
@@ -141,25 +149,44 @@ def span_batches(total: int, batch_rows: int, tenants: int = 1) -> list[pa.Table
     return batches
 
 
-async def through_sink(store: TenantStore, batches: list[pa.Table], flush_rows: int, *, align: bool) -> int:
+async def through_sink(
+    store: TenantStore, batches: list[pa.Table], flush_rows: int, *, align: bool, rss: list[tuple[int, int]]
+) -> int:
     """As the worker's span sink writes when it is behind: batches arrive, a full buffer is
-    flushed (``align``: each tenant's whole row groups, the rest kept), then a final flush."""
+    flushed (``align``: each tenant's whole row groups, the rest kept), then a final flush.
+    ``rss`` gets (rows added, process RSS) after every flush."""
     sink = SpanStoreSink(store, max_rows=flush_rows, hooks=InMemoryHooks())
+    added = 0
     for batch in batches:
         if sink.full:
             await (sink.flush_aligned() if align else sink.flush())
+            rss.append((added, probes.rss_bytes(os.getpid()) or 0))
         sink.add(batch, size=batch.num_rows)
+        added += batch.num_rows
     await sink.flush()
+    rss.append((added, probes.rss_bytes(os.getpid()) or 0))
     return sink.stored
+
+
+def rss_growth(rss: list[tuple[int, int]], base: int, total: int) -> str:
+    """RSS growth over ``base`` after a third, two thirds and all of the rows."""
+    marks = []
+    for frac in (1 / 3, 2 / 3, 1.0):
+        added, value = next(((a, v) for a, v in rss if a >= frac * total), rss[-1])
+        marks.append(f"+{(value - base) / 2**20:,.0f} MiB after {added:,}")
+    return ", ".join(marks)
 
 
 def bench_store(args: argparse.Namespace, workdir: Path) -> None:
     batches = span_batches(args.spans, args.batch_rows, args.store_tenants)
-    store = TenantStore(workdir / "data", checkpoint_mib=args.checkpoint_mib)
+    store = TenantStore(workdir / "data", checkpoint_mib=args.checkpoint_mib, memory_mib=args.memory_mib)
+    rss: list[tuple[int, int]] = []
     try:
+        base = probes.rss_bytes(os.getpid()) or 0
         started = time.perf_counter()
-        stored = asyncio.run(through_sink(store, batches, args.flush_rows, align=not args.no_align))
+        stored = asyncio.run(through_sink(store, batches, args.flush_rows, align=not args.no_align, rss=rss))
         appended = time.perf_counter() - started
+        print(f"span store RSS (batches built before the start): {rss_growth(rss, base, args.spans)}")
         # The checkpoint a larger WAL threshold defers is part of the cost: time it too.
         for tenant in store.tenants():
             with store.cursor(tenant) as con:
@@ -217,6 +244,12 @@ def main() -> None:
     parser.add_argument("--only", choices=("ledger", "store"), default=None)
     parser.add_argument(
         "--checkpoint-mib", type=int, default=DEFAULT_CHECKPOINT_MIB, help="WAL size that checkpoints a file"
+    )
+    parser.add_argument(
+        "--memory-mib",
+        type=int,
+        default=DEFAULT_MEMORY_MIB,
+        help=f"the store's DuckDB memory limit (default {DEFAULT_MEMORY_MIB}: BETRACE_STORE_MEMORY_MIB)",
     )
     args = parser.parse_args()
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} python {platform.python_version()} on {platform.machine()}")

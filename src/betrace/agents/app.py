@@ -200,7 +200,11 @@ class Pipeline:
         self.evaluate = EvaluateStage(rules, self.hooks, audit=self.audit)
         #: worker.started / worker.stopped of this process (recorded by the worker).
         self.session = WorkerSession(self.audit, settings)
-        self.store = TenantStore(settings.data_dir, checkpoint_mib=settings.store_checkpoint_mib)
+        self.store = TenantStore(
+            settings.data_dir,
+            checkpoint_mib=settings.store_checkpoint_mib,
+            memory_mib=settings.store_memory_mib,
+        )
         if self.downstream:  # several downstream workers: each writes only the tenants it owns
             self.store.track_ownership(topics.partitions)
         #: Held while a sink batch writes tenant files; a revocation waits for both. One per
@@ -231,6 +235,7 @@ class Pipeline:
                     else None
                 ),
                 owns=self.store.owns,
+                files=self.store.files,  # one DuckDB instance for every tenant file of the worker
             )
             if self.downstream
             else None

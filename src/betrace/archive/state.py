@@ -103,6 +103,7 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
 def has_table(con: duckdb.DuckDBPyConnection) -> bool:
     row = con.execute(
         "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'archive_days' AND schema_name = 'main'"
+        " AND database_name = current_database()"
     ).fetchone()
     return bool(row and row[0])
 

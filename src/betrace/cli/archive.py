@@ -56,7 +56,9 @@ def parse_day(value: str | None) -> dt.date | None:
 
 def open_store(cfg: Settings, tenant: str | None) -> tuple[TenantStore, list[str]]:
     """A writable store over the tenant files; a clear error if a worker holds one."""
-    store = TenantStore(cfg.data_dir, checkpoint_mib=cfg.store_checkpoint_mib)
+    store = TenantStore(
+        cfg.data_dir, checkpoint_mib=cfg.store_checkpoint_mib, memory_mib=cfg.store_memory_mib
+    )
     if tenant is not None:
         if not TENANT_RE.match(tenant):
             msg = f"--tenant: {tenant!r} is not a valid tenant name"

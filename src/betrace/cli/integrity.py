@@ -90,7 +90,12 @@ def check(
     with fail_clearly():
         since_ns = parse_since(since)
         # A worker holding a tenant file will not let go: do not wait long for it.
-        store = TenantStore(cfg.data_dir, open_timeout_s=3.0, checkpoint_mib=cfg.store_checkpoint_mib)
+        store = TenantStore(
+            cfg.data_dir,
+            open_timeout_s=3.0,
+            checkpoint_mib=cfg.store_checkpoint_mib,
+            memory_mib=cfg.store_memory_mib,
+        )
         try:
             tenants = _tenants(store, tenant)
             with Progress(

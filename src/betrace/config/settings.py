@@ -170,6 +170,14 @@ class Settings(BaseSettings):
         description="write-ahead log size (MiB) at which a tenant file is checkpointed; "
         "larger: faster appends, longer log replay after a crash",
     )
+    store_memory_mib: int = Field(
+        256,
+        ge=64,
+        le=1_048_576,
+        description="block cache (MiB) of the one DuckDB instance holding all of a process's tenant "
+        "files, plus 2 MiB per open file; blocks beyond it are evicted (DuckDB's own default: "
+        "80 percent of RAM per file)",
+    )
     dedupe_cache_size: int = Field(2_000_000, ge=0, description="recent span keys kept at ingest")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="package log level")
     log_format: Literal["text", "json", "logfmt"] = Field("text", description="log line format on stderr")

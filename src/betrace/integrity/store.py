@@ -103,7 +103,10 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def has_table(con: duckdb.DuckDBPyConnection) -> bool:
-    rows = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'anomalies'").fetchall()
+    rows = con.execute(
+        "SELECT count(*) FROM duckdb_tables()"
+        " WHERE table_name = 'anomalies' AND database_name = current_database()"
+    ).fetchall()
     return rows == [(1,)]
 
 

@@ -1,5 +1,9 @@
 """DuckDB hot trace storage: one file per tenant, batched Arrow appends.
 
+The files of a process are attached to one in-memory DuckDB instance (one
+buffer pool under one memory limit, one thread pool); each call works on a
+cursor that ``USE``s its tenant's file.
+
 Exactly one process writes a tenant file (DuckDB allows one writer). With
 several downstream workers, a tenant belongs to the worker that holds its
 partition (:func:`betrace.streams.topics.tenant_partition`) of ``betrace.store``
@@ -60,6 +64,7 @@ from betrace.errors import SinkError
 from betrace.metrics import StageHooks
 from betrace.resilience.breakers import Breaker
 from betrace.resilience.guard import SpooledWriter
+from betrace.sinks.attached import AttachedFiles
 from betrace.sinks.base import BatchingSink
 from betrace.sinks.span_upsert import SUMMARY_APPEND_SQL, UpsertResult, upsert_spans
 from betrace.sinks.store_schema import (
@@ -91,6 +96,8 @@ __all__ = [
 DAY_S = 86_400.0
 #: WAL size that triggers a checkpoint of a tenant file (DuckDB's default is 16 MB).
 DEFAULT_CHECKPOINT_MIB = 128
+#: Block cache of the one DuckDB instance that holds every tenant file of a process.
+DEFAULT_MEMORY_MIB = 256
 #: DuckDB's row group. A transaction of whole groups appends 1.4-1.8x faster than one that
 #: ends in (or must first fill) a partial group (benchmarks/RESULTS.md, 2026-12-02).
 ROW_GROUP_ROWS = 122_880
@@ -158,7 +165,12 @@ class RetentionResult:
 
 
 class TenantStore:
-    """Owner of every tenant DuckDB file in this process."""
+    """Owner of every tenant DuckDB file in this process.
+
+    The files are attached to one DuckDB instance (:class:`AttachedFiles`, made
+    here or shared with the tenant ledgers): one block cache under one limit and
+    one thread pool for all tenants.
+    """
 
     def __init__(
         self,
@@ -167,6 +179,8 @@ class TenantStore:
         read_only: bool = False,
         open_timeout_s: float = 30.0,
         checkpoint_mib: int = DEFAULT_CHECKPOINT_MIB,
+        memory_mib: int = DEFAULT_MEMORY_MIB,
+        files: AttachedFiles | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.read_only = read_only
@@ -175,7 +189,13 @@ class TenantStore:
         self.checkpoint_mib = checkpoint_mib
         #: How long a writer open waits out another process's lock (the previous owner closing).
         self.open_timeout_s = open_timeout_s
-        self._conns: dict[str, duckdb.DuckDBPyConnection] = {}
+        #: The DuckDB instance the tenant files are attached to; closed here only if made here.
+        self._owns_files = files is None
+        self.files = files or AttachedFiles(
+            memory_mib=memory_mib, settings={"checkpoint_threshold": f"{int(checkpoint_mib)}MiB"}
+        )
+        self._conns: dict[str, duckdb.DuckDBPyConnection] = {}  # tenant -> cursor using its file
+        self._names: dict[str, str] = {}  # tenant -> its file's name in the instance
         #: ``None``: this store owns every tenant (CLI, tests, one worker without tracking).
         self._partitions: int | None = None
         self._owned: frozenset[int] = frozenset()
@@ -275,6 +295,7 @@ class TenantStore:
                 self._close_connection(tenant, con)
 
     def _close_connection(self, tenant: str, con: duckdb.DuckDBPyConnection) -> None:
+        """Journal the session's end, then detach the file (which checkpoints it and drops its lock)."""
         opened = self._sessions.pop(tenant, None)
         try:
             if opened is not None:
@@ -286,6 +307,16 @@ class TenantStore:
             logger.warning("tenant %r: could not journal the writer session's end: %s", tenant, exc)
         finally:
             con.close()
+            self._detach(tenant)
+
+    def _detach(self, tenant: str) -> None:
+        name = self._names.pop(tenant, None)
+        if name is None:
+            return
+        try:
+            self.files.detach(name)
+        except duckdb.Error as exc:
+            logger.warning("tenant %r: detaching its file failed: %s", tenant, exc)
 
     def connection(self, tenant: str) -> duckdb.DuckDBPyConnection:
         if not self.read_only and not self.owns(tenant):
@@ -301,6 +332,19 @@ class TenantStore:
                 self._conns[tenant] = con
             return con
 
+    def _cursor(self, tenant: str) -> duckdb.DuckDBPyConnection:
+        """A new cursor on ``tenant``'s file, for one call on one thread; the caller closes it."""
+        with self._lock:
+            self.connection(tenant)
+            name = self._names[tenant]
+        return self.files.cursor(name)
+
+    def _attach(self, tenant: str, path: Path) -> duckdb.DuckDBPyConnection:
+        """Attach ``path`` to the instance; the tenant's long-lived cursor on it."""
+        name = self.files.attach(path, read_only=self.read_only)
+        self._names[tenant] = name
+        return self.files.cursor(name)
+
     def _open(self, tenant: str) -> duckdb.DuckDBPyConnection:
         path = self.path(tenant)
         try:
@@ -308,9 +352,9 @@ class TenantStore:
                 if not path.exists():
                     msg = f"no data for tenant {tenant!r} ({path} does not exist)"
                     raise SinkError(msg)
-                return duckdb.connect(str(path), read_only=True)
+                return self._attach(tenant, path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            con = self._connect_writer(path)
+            con = self._connect_writer(tenant, path)
             had_summaries = _binds(con, "SELECT 1 FROM trace_summaries LIMIT 0")
             if _spans_keyed_by_strings(con):
                 logger.info("store: tenant %r: re-keying spans on integer ids (once per file)", tenant)
@@ -322,6 +366,7 @@ class TenantStore:
             con.execute("INSERT INTO _writer_sessions VALUES (?, ?, NULL)", [os.getpid(), opened])
             self._sessions[tenant] = opened
         except duckdb.Error as exc:
+            self._detach(tenant)  # attached but not set up: nothing may use it half-migrated
             if _is_lock_error(exc):
                 msg = (
                     f"tenant {tenant!r}: {path} is held by another process (the worker that owns it); "
@@ -333,13 +378,13 @@ class TenantStore:
             raise SinkError(msg) from exc
         return con
 
-    def _connect_writer(self, path: Path) -> duckdb.DuckDBPyConnection:
+    def _connect_writer(self, tenant: str, path: Path) -> duckdb.DuckDBPyConnection:
         """Open for writing; wait out another process's lock (a previous owner closing) for a while."""
         deadline = time.monotonic() + self.open_timeout_s
         delay, waited = 0.01, False
         while True:
             try:
-                con = duckdb.connect(str(path))
+                con = self._attach(tenant, path)
             except duckdb.Error as exc:
                 if not _is_lock_error(exc) or time.monotonic() >= deadline:
                     raise
@@ -349,9 +394,6 @@ class TenantStore:
                 continue
             if waited:
                 logger.info("store: %s was held by another process; opened after waiting", path.name)
-            # A setting of this database instance, not a connect option: a connect option would
-            # make every other open of the file in this process fail ("different configuration").
-            con.execute(f"SET GLOBAL checkpoint_threshold = '{int(self.checkpoint_mib)}MiB'")
             return con
 
     def _migrate(self, con: duckdb.DuckDBPyConnection, tenant: str, *, backfill: bool) -> None:
@@ -387,7 +429,7 @@ class TenantStore:
 
     def upsert_spans(self, tenant: str, table: pa.Table) -> UpsertResult:
         """Store new spans, replace older versions of known ones; one transaction per batch."""
-        con = self.connection(tenant).cursor()
+        con = self._cursor(tenant)
         try:
             return upsert_spans(con, tenant, table, lambda n: self._stamp(tenant, n))
         except duckdb.Error as exc:
@@ -398,7 +440,7 @@ class TenantStore:
 
     def insert_signals(self, tenant: str, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Record signals; return those not yet emitted (new ones and earlier failures)."""
-        con = self.connection(tenant).cursor()
+        con = self._cursor(tenant)
         try:
             table = pa.Table.from_pylist([{c: d[c] for c in SIGNAL_COLUMNS} for d in docs])
             con.register("_signals", table)
@@ -434,7 +476,7 @@ class TenantStore:
         They may have been published by a worker that died before marking them; the
         signal sink checks the topic before publishing them again.
         """
-        con = self.connection(tenant).cursor()
+        con = self._cursor(tenant)
         try:
             con.register("_ids", pa.table({"signal_id": pa.array(signal_ids, pa.string())}))
             rows = con.execute(
@@ -450,7 +492,7 @@ class TenantStore:
         return {str(r[0]): int(r[1]) for r in rows}
 
     def mark_emitted(self, tenant: str, signal_ids: list[str]) -> None:
-        con = self.connection(tenant).cursor()
+        con = self._cursor(tenant)
         try:
             con.register("_emitted", pa.table({"signal_id": pa.array(signal_ids, pa.string())}))
             con.execute(
@@ -489,7 +531,7 @@ class TenantStore:
         with self._lock:
             self._readers[tenant] = self._readers.get(tenant, 0) + 1
         try:
-            con = self.connection(tenant).cursor()
+            con = self._cursor(tenant)
             try:
                 yield con
             finally:
@@ -599,6 +641,8 @@ class TenantStore:
             for tenant, con in self._conns.items():
                 self._close_connection(tenant, con)
             self._conns.clear()
+            if self._owns_files:
+                self.files.close()
 
 
 class SpanStoreSink(BatchingSink[pa.Table]):

@@ -107,10 +107,10 @@ def test_signal_emitted_once_per_signal_with_its_evaluation_as_parent(
     assert len(published) == len(docs)
     assert all(AUDIT_PARENT_FIELD not in d for d in published)  # internal: never published
     # A crash after publishing but before the mark: the same signals are published again ...
+    store.close()
     con = duckdb.connect(str(store.path("acme")))
     con.execute("UPDATE signals SET emitted = false")
     con.close()
-    store.close()
     again = TenantStore(store.data_dir)
     try:
         sink2 = SignalSink(again, publish, max_items=1000, hooks=hooks, audit=rec)

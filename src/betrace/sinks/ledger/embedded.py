@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import duckdb
 import pyarrow as pa
 
+from betrace.sinks.attached import AttachedFiles
 from betrace.sinks.ledger.model import (
     U128_MAX,
     Account,
@@ -49,6 +50,9 @@ from betrace.sinks.ledger.model import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: Block cache of a ledger opened on its own (not in a worker's shared instance).
+LEDGER_MEMORY_MIB = 64
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -247,21 +251,30 @@ class EmbeddedLedger:
 
     backend = "embedded"
 
-    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False, files: AttachedFiles | None = None) -> None:
+        """Open ``path`` in ``files`` (one DuckDB instance shared with other tenant files), else alone."""
         self.path = path
         self.read_only = read_only
         self._lock = threading.Lock()
+        self._own_files = files is None
+        self._files = files or AttachedFiles(memory_mib=LEDGER_MEMORY_MIB)
+        self._name: str | None = None
+        if read_only and not path.exists():
+            msg = f"no embedded ledger at {path} (no signal has been recorded yet)"
+            raise LedgerError(msg)
         try:
-            if read_only:
-                if not path.exists():
-                    msg = f"no embedded ledger at {path} (no signal has been recorded yet)"
-                    raise LedgerError(msg)
-                self._con = duckdb.connect(str(path), read_only=True)
-            else:
+            if not read_only:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                self._con = duckdb.connect(str(path))
+            self._name = self._files.attach(path, read_only=read_only)
+            self._con = self._files.cursor(self._name)
+            if not read_only:
                 self._con.execute(SCHEMA_SQL)
-        except duckdb.Error as exc:
+        except BaseException as exc:
+            if hasattr(self, "_con"):
+                self._con.close()
+            self._release()
+            if not isinstance(exc, duckdb.Error):
+                raise
             if "lock" in str(exc).lower():
                 msg = (
                     f"the embedded ledger {path} is held by another process (a running worker); "
@@ -526,7 +539,7 @@ class EmbeddedLedger:
 
     def _select(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         try:
-            cur = self._con.cursor()
+            cur = self._files.cursor(self._alias())
             try:
                 return cur.execute(sql, list(params)).fetchall()
             finally:
@@ -647,9 +660,30 @@ class EmbeddedLedger:
         sql = f"SELECT {', '.join(columns)} FROM {table} {clause} ORDER BY timestamp {order} LIMIT ?"  # noqa: S608
         return self._select(sql, params)
 
+    def _alias(self) -> str:
+        if self._name is None:
+            msg = f"the embedded ledger {self.path} is closed"
+            raise LedgerError(msg)
+        return self._name
+
+    def _release(self) -> None:
+        """Detach the file (DuckDB checkpoints it and drops its lock); close a private instance."""
+        name, self._name = self._name, None
+        try:
+            if name is not None:
+                self._files.detach(name)
+        finally:
+            if self._own_files:
+                self._files.close()
+
     def close(self) -> None:
         with self._lock:
-            self._con.close()
+            if self._name is None:
+                return
+            try:
+                self._con.close()
+            finally:
+                self._release()
 
 
 def _replace_ts(obj: E, ts: int) -> E:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from betrace.metrics import StageHooks
+from betrace.sinks.attached import AttachedFiles
 from betrace.sinks.ledger.archival import ArchivalEvent, ArchivalLedger
 from betrace.sinks.ledger.embedded import EmbeddedLedger
 from betrace.sinks.ledger.model import Ledger, LedgerError, LedgerLockedError, Transfer
@@ -37,13 +38,15 @@ def tenant_ledger_path(data_dir: Path, tenant: str) -> Path:
     return data_dir / LEDGER_DIR / f"tenant={tenant}.duckdb"
 
 
-def open_embedded(path: Path, *, read_only: bool = False, timeout_s: float = 30.0) -> EmbeddedLedger:
+def open_embedded(
+    path: Path, *, read_only: bool = False, timeout_s: float = 30.0, files: AttachedFiles | None = None
+) -> EmbeddedLedger:
     """Open an embedded ledger, waiting out another process's lock (its previous owner) a while."""
     deadline = time.monotonic() + timeout_s
     delay = 0.01
     while True:
         try:
-            return EmbeddedLedger(path, read_only=read_only)
+            return EmbeddedLedger(path, read_only=read_only, files=files)
         except LedgerError as exc:
             locked = isinstance(exc, LedgerLockedError) or "lock" in str(exc).lower()
             if not locked or time.monotonic() >= deadline:
@@ -65,8 +68,11 @@ class TenantLedgers:
         shared: Ledger | None = None,
         owns: Callable[[str], bool] = lambda _tenant: True,
         open_timeout_s: float = 30.0,
+        files: AttachedFiles | None = None,
     ) -> None:
         self.data_dir = data_dir
+        #: The DuckDB instance the owned ledgers attach to (the store's, in a worker); else one each.
+        self.files = files
         self.hooks = hooks
         self.flush_items = flush_items
         self.flush_interval_s = flush_interval_s
@@ -96,7 +102,9 @@ class TenantLedgers:
         if not self.owns(tenant):
             msg = f"ledger of tenant {tenant!r}: another worker owns this tenant"
             raise LedgerLockedError(msg)
-        raw = open_embedded(tenant_ledger_path(self.data_dir, tenant), timeout_s=self.open_timeout_s)
+        raw = open_embedded(
+            tenant_ledger_path(self.data_dir, tenant), timeout_s=self.open_timeout_s, files=self.files
+        )
         ledger = SignalLedger(
             raw, hooks=self.hooks, flush_items=self.flush_items, flush_interval_s=self.flush_interval_s
         )

@@ -1,0 +1,163 @@
+"""All tenant files of a store share one DuckDB instance: one memory limit, one thread pool."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from betrace.archive import state as archive_state
+from betrace.integrity import store as integrity_store
+from betrace.metrics import InMemoryHooks
+from betrace.sinks.duckdb_store import TenantStore
+from betrace.sinks.ledger import TenantLedgers, tenant_ledger_path
+from betrace.streams.otlp import OtlpDecoder, Record
+from betrace.streams.topics import split_by_tenant
+from betrace.workload.generator import TraceGenerator
+from betrace.workload.otlp import batch_messages
+
+TENANTS = tuple(f"t{i}" for i in range(8))
+
+
+@pytest.fixture(scope="module")
+def spans() -> dict[str, pa.Table]:
+    generator = TraceGenerator(tenants=TENANTS, violation_rate=0.3, seed=5)
+    records = [Record(m.value) for m in batch_messages(generator.traces(400), spans_per_message=100)]
+    table = OtlpDecoder(encoding="otlp_proto", tenant_header="h", default_tenant="x").decode(records).spans
+    return dict(split_by_tenant(table))
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_tenant_files_share_one_instance_and_its_memory_limit(
+    tmp_path: Path, spans: dict[str, pa.Table]
+) -> None:
+    store = TenantStore(tmp_path, memory_mib=96)
+    try:
+        store.insert_spans(TENANTS[0], spans[TENANTS[0]])
+        before = _threads()
+        for tenant in TENANTS[1:]:
+            store.insert_spans(tenant, spans[tenant])
+        # A DuckDB instance per file started ~9 threads each (benchmarks/RESULTS.md).
+        assert _threads() - before < len(TENANTS) - 1
+        for tenant in TENANTS:
+            with store.cursor(tenant) as con:
+                # The shared cache plus 2 MiB per attached file (what each holds unevictably).
+                assert con.execute("SELECT current_setting('memory_limit')").fetchone() == ("112.0 MiB",)
+                attached = con.execute(
+                    "SELECT count(*) FROM duckdb_databases() WHERE NOT internal"
+                ).fetchone()
+                assert attached == (len(TENANTS) + 1,)  # every tenant file, plus the instance's own memory
+                stored = con.execute("SELECT count(*) FROM spans").fetchone()
+                assert stored == (spans[tenant].num_rows,)  # each cursor sees its own tenant's file only
+    finally:
+        store.close()
+
+
+def test_catalog_probes_see_only_their_own_tenant(tmp_path: Path, spans: dict[str, pa.Table]) -> None:
+    store = TenantStore(tmp_path)
+    try:
+        for tenant in TENANTS[:2]:
+            store.insert_spans(tenant, spans[tenant])
+        with store.cursor(TENANTS[0]) as con:
+            integrity_store.ensure_schema(con)
+            archive_state.ensure_schema(con)
+        with store.cursor(TENANTS[0]) as con:
+            assert integrity_store.has_table(con)
+            assert archive_state.has_table(con)
+        with store.cursor(TENANTS[1]) as con:
+            assert not integrity_store.has_table(con)
+            assert not archive_state.has_table(con)
+            assert integrity_store.count_by_kind(con) == {}
+    finally:
+        store.close()
+
+
+def test_close_detaches_every_file_for_other_processes(tmp_path: Path, spans: dict[str, pa.Table]) -> None:
+    store = TenantStore(tmp_path)
+    for tenant in TENANTS[:3]:
+        store.insert_spans(tenant, spans[tenant])
+    store.close()
+    code = (
+        "import duckdb, sys\n"
+        "for p in sys.argv[1:]:\n"
+        "    con = duckdb.connect(p)\n"
+        "    print(con.execute('SELECT count(*) FROM spans').fetchone()[0], flush=True)\n"
+        "    con.close()\n"
+    )
+    paths = [str(store.path(t)) for t in TENANTS[:3]]
+    out = subprocess.run(
+        [sys.executable, "-c", code, *paths], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert [int(n) for n in out.stdout.split()] == [spans[t].num_rows for t in TENANTS[:3]]
+
+
+def test_a_read_only_store_attaches_read_only(tmp_path: Path, spans: dict[str, pa.Table]) -> None:
+    writer = TenantStore(tmp_path)
+    writer.insert_spans(TENANTS[0], spans[TENANTS[0]])
+    writer.close()
+    reader = TenantStore(tmp_path, read_only=True)
+    try:
+        with reader.cursor(TENANTS[0]) as con:
+            assert con.execute("SELECT count(*) FROM spans").fetchone() == (spans[TENANTS[0]].num_rows,)
+            with pytest.raises(Exception, match="read-only"):
+                con.execute("DELETE FROM spans")
+    finally:
+        reader.close()
+
+
+@pytest.mark.asyncio
+async def test_tenant_ledgers_attach_to_the_store_instance(
+    tmp_path: Path, spans: dict[str, pa.Table]
+) -> None:
+    store = TenantStore(tmp_path)
+    ledgers = TenantLedgers(tmp_path, hooks=InMemoryHooks(), files=store.files)
+    try:
+        tenants = TENANTS[:3]
+        for tenant in tenants:
+            await store.run(store.insert_spans, tenant, spans[tenant])
+        before = _threads()
+        docs = [_signal(t, i) for t in tenants for i in range(4)]
+        assert await ledgers.record(docs) == (len(docs), 0)
+        assert len(store.files) == 2 * len(tenants)  # a store file and a ledger file per tenant
+        # Each ledger's own writer thread (SignalLedger) and none of DuckDB's (9 per instance).
+        assert _threads() - before <= len(tenants) + 1
+        assert [[c.signals for c in ledgers.counts(t, "r1")] for t in tenants] == [[4]] * len(tenants)
+        assert sorted(await ledgers.release(list(tenants))) == sorted(tenants)
+        assert len(store.files) == len(tenants)
+        # Detached: the file is free for another process (the next owner).
+        code = (
+            "import duckdb, sys\n"
+            "print(duckdb.connect(sys.argv[1]).execute('SELECT count(*) FROM transfers').fetchone()[0])"
+        )
+        path = tenant_ledger_path(tmp_path, tenants[0])
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-c", code, str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        assert int(out.stdout) >= 4
+    finally:
+        await ledgers.close()
+        store.close()
+
+
+def _signal(tenant: str, i: int) -> dict[str, object]:
+    return {
+        "tenant": tenant,
+        "rule_id": "r1",
+        "rule_version": 1,
+        "trace_id": f"{i:032x}",
+        "severity": "high",
+        "source_produced_ms": 1,
+    }
