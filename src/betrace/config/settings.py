@@ -172,11 +172,12 @@ class Settings(BaseSettings):
     )
     store_memory_mib: int = Field(
         256,
-        ge=64,
+        ge=128,
         le=1_048_576,
         description="block cache (MiB) of the one DuckDB instance holding all of a process's tenant "
-        "files, plus 2 MiB per open file; blocks beyond it are evicted (DuckDB's own default: "
-        "80 percent of RAM per file)",
+        "files, plus 2 MiB per open file; blocks beyond it are evicted or spilled. Queries and "
+        "appends need room in it too: 64 MiB for 10 busy tenants failed writes with DuckDB "
+        "out-of-memory errors (DuckDB's own default: 80 percent of RAM per file)",
     )
     dedupe_cache_size: int = Field(2_000_000, ge=0, description="recent span keys kept at ingest")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="package log level")

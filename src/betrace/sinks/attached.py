@@ -10,10 +10,16 @@ attached file, the part a file holds and cannot evict.
 
 Each attached file gets a fresh name; callers work on cursors that ``USE`` it,
 so their SQL names tables without a catalog, as with a file of its own.
+
+An in-memory instance would spill to ``.tmp`` under the working directory, so
+:func:`spill_dir` gives each process its own directory beside its files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +31,36 @@ import duckdb
 FILE_MEMORY_MIB = 2
 
 
+#: Under a data directory: one ``pid-<pid>`` directory per process that spilled there.
+SPILL_DIR = ".duckdb-spill"
+
+
+def spill_dir(parent: Path) -> Path:
+    """This process's spill directory under ``parent``; those of dead processes are removed.
+
+    DuckDB removes its spill files when it closes, but not when it is killed, and
+    two processes must not share one directory.
+    """
+    root = parent / SPILL_DIR
+    if root.is_dir():
+        for stale in root.glob("pid-*"):
+            with contextlib.suppress(ValueError, OSError):
+                pid = int(stale.name[len("pid-") :])
+                if pid != os.getpid() and not _alive(pid):
+                    shutil.rmtree(stale, ignore_errors=True)
+    return root / f"pid-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def _quoted(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -32,10 +68,14 @@ def _quoted(name: str) -> str:
 class AttachedFiles:
     """Database files attached to one DuckDB instance, made on first use."""
 
-    def __init__(self, *, memory_mib: int, settings: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, *, memory_mib: int, temp_dir: Path | None = None, settings: Mapping[str, str] | None = None
+    ) -> None:
         self.memory_mib = int(memory_mib)
         #: Instance-wide settings (``SET GLOBAL``), e.g. ``checkpoint_threshold``.
         self.settings = dict(settings or {})
+        if temp_dir is not None:
+            self.settings["temp_directory"] = str(temp_dir).replace("'", "''")
         self._db: duckdb.DuckDBPyConnection | None = None
         self._names: set[str] = set()
         self._seq = 0

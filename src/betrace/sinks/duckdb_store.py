@@ -64,7 +64,7 @@ from betrace.errors import SinkError
 from betrace.metrics import StageHooks
 from betrace.resilience.breakers import Breaker
 from betrace.resilience.guard import SpooledWriter
-from betrace.sinks.attached import AttachedFiles
+from betrace.sinks.attached import AttachedFiles, spill_dir
 from betrace.sinks.base import BatchingSink
 from betrace.sinks.span_upsert import SUMMARY_APPEND_SQL, UpsertResult, upsert_spans
 from betrace.sinks.store_schema import (
@@ -192,7 +192,9 @@ class TenantStore:
         #: The DuckDB instance the tenant files are attached to; closed here only if made here.
         self._owns_files = files is None
         self.files = files or AttachedFiles(
-            memory_mib=memory_mib, settings={"checkpoint_threshold": f"{int(checkpoint_mib)}MiB"}
+            memory_mib=memory_mib,
+            temp_dir=spill_dir(data_dir),
+            settings={"checkpoint_threshold": f"{int(checkpoint_mib)}MiB"},
         )
         self._conns: dict[str, duckdb.DuckDBPyConnection] = {}  # tenant -> cursor using its file
         self._names: dict[str, str] = {}  # tenant -> its file's name in the instance

@@ -113,7 +113,7 @@ def test_unknown_toml_key_names_the_variable(monkeypatch: pytest.MonkeyPatch, tm
         ("BETRACE_TOPICS__BOGUS", "1", "Extra inputs are not permitted"),
         ("BETRACE_IDLE_TIMEOUT_S", "-1", "greater than 0"),
         ("BETRACE_STORE_CHECKPOINT_MIB", "0", "greater than or equal to 1"),
-        ("BETRACE_STORE_MEMORY_MIB", "16", "greater than or equal to 64"),
+        ("BETRACE_STORE_MEMORY_MIB", "64", "greater than or equal to 128"),
         ("BETRACE_LOG_LEVEL", "LOUD", "DEBUG"),
         ("BETRACE_WEB_PORT", "70000", "less than or equal to 65535"),
         ("BETRACE_BROKERS", "nohost", "expected host:port"),

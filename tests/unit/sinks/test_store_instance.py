@@ -14,6 +14,7 @@ import pytest
 from betrace.archive import state as archive_state
 from betrace.integrity import store as integrity_store
 from betrace.metrics import InMemoryHooks
+from betrace.sinks.attached import SPILL_DIR, AttachedFiles, spill_dir
 from betrace.sinks.duckdb_store import TenantStore
 from betrace.sinks.ledger import TenantLedgers, tenant_ledger_path
 from betrace.streams.otlp import OtlpDecoder, Record
@@ -161,3 +162,28 @@ def _signal(tenant: str, i: int) -> dict[str, object]:
         "severity": "high",
         "source_produced_ms": 1,
     }
+
+
+def test_spills_go_to_this_process_directory_and_dead_ones_are_removed(tmp_path: Path) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
+    stale = tmp_path / SPILL_DIR / f"pid-{int(dead.stdout)}"
+    stale.mkdir(parents=True)
+    (stale / "duckdb_temp_block-1.block").write_bytes(b"x")
+    mine = spill_dir(tmp_path)
+    assert not stale.exists()
+    assert mine == tmp_path / SPILL_DIR / f"pid-{os.getpid()}"
+    files = AttachedFiles(memory_mib=32, temp_dir=mine, settings={"checkpoint_threshold": "1GiB"})
+    try:
+        con = files.cursor(files.attach(tmp_path / "a.duckdb"))
+        con.execute("CREATE TABLE t (k BIGINT PRIMARY KEY, v VARCHAR)")
+        for i in range(200):  # ~130 MiB not yet checkpointed: more than the limit holds
+            con.execute("INSERT INTO t SELECT range + ?, repeat('x', 100) FROM range(5000)", [i * 5000])
+        spilled = [Path(r[0]) for r in con.execute("SELECT path FROM duckdb_temporary_files()").fetchall()]
+        assert spilled
+        assert all(p.parent == mine for p in spilled)
+        assert con.execute("SELECT count(*) FROM t").fetchone() == (1_000_000,)
+        con.close()
+    finally:
+        files.close()

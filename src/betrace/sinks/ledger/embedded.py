@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import duckdb
 import pyarrow as pa
 
-from betrace.sinks.attached import AttachedFiles
+from betrace.sinks.attached import AttachedFiles, spill_dir
 from betrace.sinks.ledger.model import (
     U128_MAX,
     Account,
@@ -257,7 +257,7 @@ class EmbeddedLedger:
         self.read_only = read_only
         self._lock = threading.Lock()
         self._own_files = files is None
-        self._files = files or AttachedFiles(memory_mib=LEDGER_MEMORY_MIB)
+        self._files = files or AttachedFiles(memory_mib=LEDGER_MEMORY_MIB, temp_dir=spill_dir(path.parent))
         self._name: str | None = None
         if read_only and not path.exists():
             msg = f"no embedded ledger at {path} (no signal has been recorded yet)"
