@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from tests.spans import generated_spans
 
 from betrace.archive import state as archive_state
 from betrace.integrity import store as integrity_store
@@ -17,20 +18,14 @@ from betrace.metrics import InMemoryHooks
 from betrace.sinks.attached import SPILL_DIR, AttachedFiles, spill_dir
 from betrace.sinks.duckdb_store import TenantStore
 from betrace.sinks.ledger import TenantLedgers, tenant_ledger_path
-from betrace.streams.otlp import OtlpDecoder, Record
 from betrace.streams.topics import split_by_tenant
-from betrace.workload.generator import TraceGenerator
-from betrace.workload.otlp import batch_messages
 
 TENANTS = tuple(f"t{i}" for i in range(8))
 
 
 @pytest.fixture(scope="module")
 def spans() -> dict[str, pa.Table]:
-    generator = TraceGenerator(tenants=TENANTS, violation_rate=0.3, seed=5)
-    records = [Record(m.value) for m in batch_messages(generator.traces(400), spans_per_message=100)]
-    table = OtlpDecoder(encoding="otlp_proto", tenant_header="h", default_tenant="x").decode(records).spans
-    return dict(split_by_tenant(table))
+    return dict(split_by_tenant(generated_spans(TENANTS, 400, seed=5)))
 
 
 def _threads() -> int:

@@ -11,14 +11,12 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pytest
+from tests.spans import generated_spans
 
 from betrace.metrics import InMemoryHooks
 from betrace.sinks.duckdb_store import NotOwnerError, StoreBusyError, TenantStore
 from betrace.sinks.ledger import LedgerLockedError, TenantLedgers, tenant_ledger_path
-from betrace.streams.otlp import OtlpDecoder, Record
 from betrace.streams.topics import split_by_tenant, tenant_partition
-from betrace.workload.generator import TraceGenerator
-from betrace.workload.otlp import batch_messages
 
 # default and acme hash to partition 1 of 4, initech to 2 (asserted below).
 TENANTS = ("default", "initech")
@@ -26,10 +24,7 @@ TENANTS = ("default", "initech")
 
 @pytest.fixture(scope="module")
 def spans() -> dict[str, pa.Table]:
-    generator = TraceGenerator(tenants=TENANTS, violation_rate=0.3, seed=3)
-    records = [Record(m.value) for m in batch_messages(generator.traces(200), spans_per_message=100)]
-    table = OtlpDecoder(encoding="otlp_proto", tenant_header="h", default_tenant="x").decode(records).spans
-    return dict(split_by_tenant(table))
+    return dict(split_by_tenant(generated_spans(TENANTS, 200, seed=3)))
 
 
 @pytest.fixture
