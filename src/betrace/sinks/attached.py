@@ -31,24 +31,24 @@ import duckdb
 FILE_MEMORY_MIB = 2
 
 
-#: Under a data directory: one ``pid-<pid>`` directory per process that spilled there.
+#: Under a data directory: ``.duckdb-spill-<pid>``, one per process that spilled there.
 SPILL_DIR = ".duckdb-spill"
 
 
 def spill_dir(parent: Path) -> Path:
-    """This process's spill directory under ``parent``; those of dead processes are removed.
+    """This process's spill directory in ``parent``; those of dead processes are removed.
 
     DuckDB removes its spill files when it closes, but not when it is killed, and
-    two processes must not share one directory.
+    two processes must not share one directory. One level only: DuckDB creates the
+    last level itself, and nothing is created before something spills.
     """
-    root = parent / SPILL_DIR
-    if root.is_dir():
-        for stale in root.glob("pid-*"):
+    if parent.is_dir():
+        for stale in parent.glob(f"{SPILL_DIR}-*"):
             with contextlib.suppress(ValueError, OSError):
-                pid = int(stale.name[len("pid-") :])
+                pid = int(stale.name[len(SPILL_DIR) + 1 :])
                 if pid != os.getpid() and not _alive(pid):
                     shutil.rmtree(stale, ignore_errors=True)
-    return root / f"pid-{os.getpid()}"
+    return parent / f"{SPILL_DIR}-{os.getpid()}"
 
 
 def _alive(pid: int) -> bool:

@@ -159,26 +159,37 @@ def _signal(tenant: str, i: int) -> dict[str, object]:
     }
 
 
-def test_spills_go_to_this_process_directory_and_dead_ones_are_removed(tmp_path: Path) -> None:
+def _spill(data_dir: Path) -> list[Path]:
+    """Write more than a 32 MiB instance holds before a checkpoint; the spill files DuckDB made."""
+    files = AttachedFiles(
+        memory_mib=32, temp_dir=spill_dir(data_dir), settings={"checkpoint_threshold": "1GiB"}
+    )
+    try:
+        con = files.cursor(files.attach(data_dir / "a.duckdb"))
+        con.execute("CREATE TABLE t (k BIGINT PRIMARY KEY, v VARCHAR)")
+        for i in range(200):  # ~130 MiB not yet checkpointed
+            con.execute("INSERT INTO t SELECT range + ?, repeat('x', 100) FROM range(5000)", [i * 5000])
+        spilled = [Path(r[0]) for r in con.execute("SELECT path FROM duckdb_temporary_files()").fetchall()]
+        assert con.execute("SELECT count(*) FROM t").fetchone() == (1_000_000,)
+        con.close()
+        return spilled
+    finally:
+        files.close()
+
+
+def test_spills_go_to_this_process_directory(tmp_path: Path) -> None:
+    # A data directory without a spill directory yet: DuckDB creates only the last level.
+    spilled = _spill(tmp_path)
+    assert spilled
+    assert all(p.parent == tmp_path / f"{SPILL_DIR}-{os.getpid()}" for p in spilled)
+
+
+def test_spill_directories_of_dead_processes_are_removed(tmp_path: Path) -> None:
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
     )
-    stale = tmp_path / SPILL_DIR / f"pid-{int(dead.stdout)}"
-    stale.mkdir(parents=True)
+    stale = tmp_path / f"{SPILL_DIR}-{int(dead.stdout)}"
+    stale.mkdir()
     (stale / "duckdb_temp_block-1.block").write_bytes(b"x")
-    mine = spill_dir(tmp_path)
+    assert spill_dir(tmp_path) == tmp_path / f"{SPILL_DIR}-{os.getpid()}"
     assert not stale.exists()
-    assert mine == tmp_path / SPILL_DIR / f"pid-{os.getpid()}"
-    files = AttachedFiles(memory_mib=32, temp_dir=mine, settings={"checkpoint_threshold": "1GiB"})
-    try:
-        con = files.cursor(files.attach(tmp_path / "a.duckdb"))
-        con.execute("CREATE TABLE t (k BIGINT PRIMARY KEY, v VARCHAR)")
-        for i in range(200):  # ~130 MiB not yet checkpointed: more than the limit holds
-            con.execute("INSERT INTO t SELECT range + ?, repeat('x', 100) FROM range(5000)", [i * 5000])
-        spilled = [Path(r[0]) for r in con.execute("SELECT path FROM duckdb_temporary_files()").fetchall()]
-        assert spilled
-        assert all(p.parent == mine for p in spilled)
-        assert con.execute("SELECT count(*) FROM t").fetchone() == (1_000_000,)
-        con.close()
-    finally:
-        files.close()

@@ -17,6 +17,7 @@ transfers, imported events. BeTrace's signal ledger uses none of them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -516,10 +517,13 @@ class EmbeddedLedger:
             con.execute("BEGIN TRANSACTION")
             try:
                 work(con)
+                con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                # Also after a failed COMMIT: this connection is long-lived, and an aborted
+                # transaction left on it would fail every later write.
+                with contextlib.suppress(duckdb.Error):
+                    con.execute("ROLLBACK")
                 raise
-            con.execute("COMMIT")
         except BaseException as exc:
             self._accounts.clear()  # read back from the file: the balances were not written
             if isinstance(exc, duckdb.Error):
