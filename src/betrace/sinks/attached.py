@@ -61,6 +61,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
 def _quoted(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -75,7 +79,7 @@ class AttachedFiles:
         #: Instance-wide settings (``SET GLOBAL``), e.g. ``checkpoint_threshold``.
         self.settings = dict(settings or {})
         if temp_dir is not None:
-            self.settings["temp_directory"] = str(temp_dir).replace("'", "''")
+            self.settings["temp_directory"] = str(temp_dir)
         self._db: duckdb.DuckDBPyConnection | None = None
         self._names: set[str] = set()
         self._seq = 0
@@ -88,7 +92,7 @@ class AttachedFiles:
         if self._db is None:
             db = duckdb.connect(":memory:", config={"memory_limit": f"{self.memory_mib}MiB"})
             for key, value in self.settings.items():
-                db.execute(f"SET GLOBAL {key} = '{value}'")
+                db.execute(f"SET GLOBAL {key} = {_literal(value)}")
             self._db = db
         return self._db
 
@@ -102,7 +106,7 @@ class AttachedFiles:
         Raises :class:`duckdb.Error` as opening the file would: another process's
         lock, or this process holding it already.
         """
-        literal = "'" + str(path).replace("'", "''") + "'"
+        literal = _literal(str(path))
         with self._lock:
             self._seq += 1
             name = _quoted(f"file_{self._seq}")
