@@ -442,56 +442,51 @@ class TenantStore:
 
     def insert_signals(self, tenant: str, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Record signals; return those not yet emitted (new ones and earlier failures)."""
+        return self.record_signals(tenant, docs)[1]
+
+    def record_signals(
+        self, tenant: str, docs: list[dict[str, Any]]
+    ) -> tuple[dict[str, int], list[dict[str, Any]]]:
+        """Record signals; return (recorded earlier and never marked emitted: id -> recorded_ns,
+        every doc not yet emitted, first occurrence of each id).
+
+        Those recorded earlier may have been published by a worker that died before
+        marking them; the signal sink checks the topic before publishing them again.
+        One read of the ids, then one insert of the new ones: each DuckDB call from the
+        sink's thread waits for the GIL while the event loop is busy, so they are few.
+        """
         con = self._cursor(tenant)
         try:
             table = pa.Table.from_pylist([{c: d[c] for c in SIGNAL_COLUMNS} for d in docs])
             con.register("_signals", table)
-            cols = ", ".join(SIGNAL_COLUMNS)
-            con.execute(
-                f"INSERT OR IGNORE INTO signals ({cols}, recorded_ns) "  # noqa: S608 - fixed column list
-                f"SELECT {cols.replace('detected_at', 'CAST(detected_at AS TIMESTAMPTZ)')}, "
-                "? + row_number() OVER () FROM _signals",
-                [self._stamp(tenant, len(docs))],
-            )
             # A join, not list_contains(?, signal_id): that scans the whole table once per
             # id and made a 100k-signal spool replay quadratic (issue 7, bench_spool.py).
             rows = con.execute(
-                "SELECT s.signal_id FROM signals s SEMI JOIN (SELECT DISTINCT signal_id FROM _signals) b"
-                " ON s.signal_id = b.signal_id WHERE NOT s.emitted"
+                "SELECT s.signal_id, s.emitted, coalesce(s.recorded_ns, 0) FROM signals s"
+                " SEMI JOIN (SELECT DISTINCT signal_id FROM _signals) b ON s.signal_id = b.signal_id"
             ).fetchall()
+            known = {str(r[0]): (bool(r[1]), int(r[2])) for r in rows}
+            if len(known) < len({d["signal_id"] for d in docs}):
+                cols = ", ".join(SIGNAL_COLUMNS)
+                con.execute(
+                    f"INSERT OR IGNORE INTO signals ({cols}, recorded_ns) "  # noqa: S608 - fixed column list
+                    f"SELECT {cols.replace('detected_at', 'CAST(detected_at AS TIMESTAMPTZ)')}, "
+                    "? + row_number() OVER () FROM _signals",
+                    [self._stamp(tenant, len(docs))],
+                )
         except duckdb.Error as exc:
             msg = f"tenant {tenant!r}: signal insert failed: {exc}"
             raise SinkError(msg) from exc
         finally:
             con.close()
-        pending = {r[0] for r in rows}
+        earlier = {sid: ns for sid, (emitted, ns) in known.items() if not emitted}
         out, seen = [], set()
         for doc in docs:
-            if doc["signal_id"] in pending and doc["signal_id"] not in seen:
-                seen.add(doc["signal_id"])
+            sid = doc["signal_id"]
+            if sid not in seen and not known.get(sid, (False, 0))[0]:
+                seen.add(sid)
                 out.append(doc)
-        return out
-
-    def unemitted_signals(self, tenant: str, signal_ids: list[str]) -> dict[str, int]:
-        """Of ``signal_ids``, those recorded earlier and not marked emitted: id -> recorded_ns.
-
-        They may have been published by a worker that died before marking them; the
-        signal sink checks the topic before publishing them again.
-        """
-        con = self._cursor(tenant)
-        try:
-            con.register("_ids", pa.table({"signal_id": pa.array(signal_ids, pa.string())}))
-            rows = con.execute(
-                "SELECT s.signal_id, coalesce(s.recorded_ns, 0) FROM signals s"
-                " SEMI JOIN (SELECT DISTINCT signal_id FROM _ids) b ON s.signal_id = b.signal_id"
-                " WHERE NOT s.emitted"
-            ).fetchall()
-        except duckdb.Error as exc:
-            msg = f"tenant {tenant!r}: reading unemitted signals failed: {exc}"
-            raise SinkError(msg) from exc
-        finally:
-            con.close()
-        return {str(r[0]): int(r[1]) for r in rows}
+        return earlier, out
 
     def mark_emitted(self, tenant: str, signal_ids: list[str]) -> None:
         con = self._cursor(tenant)

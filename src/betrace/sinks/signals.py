@@ -104,19 +104,24 @@ class SignalSink(BatchingSink[dict[str, Any]]):
         if not pending:
             return
         fresh = await self._not_yet_published(pending, earlier)
-        if self.ledger is not None:
-            # Before publishing: a signal on the topic is always counted in the ledger.
-            if self.ledger_breaker is not None:
-                await self.ledger_breaker.call_async(self.ledger.record, pending)
-            else:
-                await self.ledger.record(pending)
-        # Both before the mark, and neither needs the other: at once.
-        steps: list[Awaitable[None]] = [self._audit_emitted(pending)]
-        if fresh:
-            steps.append(
-                self.publish([{k: v for k, v in d.items() if k != AUDIT_PARENT_FIELD} for d in fresh])
-            )
-        await asyncio.gather(*steps)
+        # The audit write only has to end before the mark, and it is the slowest step
+        # (p50 90-108 ms at 3,000 spans/s, against 60-90 ms for the ledger and 15 ms to
+        # publish): it runs beside both. Like a publish cut short, an audited signal whose
+        # ledger count or publish fails is published by the retry or the replay.
+        audit = asyncio.ensure_future(self._audit_emitted(pending))
+        try:
+            if self.ledger is not None:
+                # Before publishing: a signal on the topic is always counted in the ledger.
+                if self.ledger_breaker is not None:
+                    await self.ledger_breaker.call_async(self.ledger.record, pending)
+                else:
+                    await self.ledger.record(pending)
+            if fresh:
+                await self.publish([{k: v for k, v in d.items() if k != AUDIT_PARENT_FIELD} for d in fresh])
+        except BaseException:
+            await asyncio.gather(audit, return_exceptions=True)  # a retry must not race it
+            raise
+        await audit
         await self._db(self._mark, pending)
         self.emitted += len(fresh)
         for doc in fresh:
@@ -131,9 +136,9 @@ class SignalSink(BatchingSink[dict[str, Any]]):
         earlier: dict[str, int] = {}
         pending: list[dict[str, Any]] = []
         for tenant, docs in by_tenant.items():
-            if self.fence is not None:  # read before the insert records the new ones
-                earlier.update(self.store.unemitted_signals(tenant, [d["signal_id"] for d in docs]))
-            pending += self.store.insert_signals(tenant, docs)
+            unmarked, fresh = self.store.record_signals(tenant, docs)
+            earlier.update(unmarked)
+            pending += fresh
         return earlier, pending
 
     def _mark(self, pending: list[dict[str, Any]]) -> None:

@@ -108,6 +108,31 @@ def test_read_only_store_does_not_create_tenants(tmp_path: Path) -> None:
     assert not (tmp_path / "nothing").exists()
 
 
+def test_record_signals_names_the_ones_recorded_earlier_and_never_marked(store: TenantStore) -> None:
+    first = [signal(1), signal(2)]
+    earlier, pending = store.record_signals("acme", first)
+    assert (earlier, pending) == ({}, first)
+    store.mark_emitted("acme", [first[0]["signal_id"]])
+    earlier, pending = store.record_signals("acme", [signal(1), signal(2), signal(3), signal(2)])
+    # signal 2 was recorded by an attempt that never marked it: the sink fences it
+    assert list(earlier) == [signal(2)["signal_id"]]
+    assert earlier[signal(2)["signal_id"]] > 0  # its recorded_ns, where the fence starts reading
+    assert [d["signal_id"] for d in pending] == [signal(2)["signal_id"], signal(3)["signal_id"]]
+    assert store.record_signals("acme", [signal(3)]) == (
+        {signal(3)["signal_id"]: earlier_ns(store, 3)},
+        [signal(3)],
+    )
+
+
+def earlier_ns(store: TenantStore, n: int) -> int:
+    with store.cursor("acme") as con:
+        row = con.execute(
+            "SELECT recorded_ns FROM signals WHERE signal_id = ?", [signal(n)["signal_id"]]
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def test_insert_signals_returns_only_not_yet_emitted(store: TenantStore) -> None:
     first = [signal(1), signal(2)]
     assert store.insert_signals("acme", first) == first
