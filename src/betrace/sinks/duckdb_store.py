@@ -455,6 +455,9 @@ class TenantStore:
         One read of the ids, then one insert of the new ones: each DuckDB call from the
         sink's thread waits for the GIL while the event loop is busy, so they are few.
         """
+        first: dict[str, dict[str, Any]] = {}
+        for doc in docs:
+            first.setdefault(doc["signal_id"], doc)
         con = self._cursor(tenant)
         try:
             table = pa.Table.from_pylist([{c: d[c] for c in SIGNAL_COLUMNS} for d in docs])
@@ -466,7 +469,7 @@ class TenantStore:
                 " SEMI JOIN (SELECT DISTINCT signal_id FROM _signals) b ON s.signal_id = b.signal_id"
             ).fetchall()
             known = {str(r[0]): (bool(r[1]), int(r[2])) for r in rows}
-            if len(known) < len({d["signal_id"] for d in docs}):
+            if len(known) < len(first):
                 cols = ", ".join(SIGNAL_COLUMNS)
                 con.execute(
                     f"INSERT OR IGNORE INTO signals ({cols}, recorded_ns) "  # noqa: S608 - fixed column list
@@ -480,13 +483,7 @@ class TenantStore:
         finally:
             con.close()
         earlier = {sid: ns for sid, (emitted, ns) in known.items() if not emitted}
-        out, seen = [], set()
-        for doc in docs:
-            sid = doc["signal_id"]
-            if sid not in seen and not known.get(sid, (False, 0))[0]:
-                seen.add(sid)
-                out.append(doc)
-        return earlier, out
+        return earlier, [doc for sid, doc in first.items() if sid in earlier or sid not in known]
 
     def mark_emitted(self, tenant: str, signal_ids: list[str]) -> None:
         con = self._cursor(tenant)
