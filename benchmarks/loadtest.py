@@ -78,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spans-per-message", type=int, default=200)
     p.add_argument("--violation-rate", type=float, default=0.05)
     p.add_argument("--idle-timeout", type=float, default=0.5, help="seconds that close a trace")
+    p.add_argument(
+        "--root-close-delay",
+        type=float,
+        default=0.0,
+        help="seconds without a span that close a trace once its root arrived (0: the idle timeout only)",
+    )
     p.add_argument("--pool-spans", type=int, default=300_000, help="pre-encoded spans per producer")
     p.add_argument("--warmup-pct", type=float, default=20.0, help="RSS growth is measured after this")
     p.add_argument("--min-produce-ratio", type=float, default=0.95, help="achieved/target below this fails")
@@ -139,6 +145,7 @@ class LoadTest:
                 "topics": cfg.topics.model_copy(update={"partitions": args.partitions}),
                 "rules_dir": rules_dir,
                 "log_level": "WARNING",
+                "root_close_delay_s": args.root_close_delay,
             }
         )
         self.broker_pid = broker_pid

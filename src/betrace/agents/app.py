@@ -298,8 +298,7 @@ class Pipeline:
         agent(self.store_topic, "betrace.sink.duckdb", self._on_spans_store)
         agent(self.traces_topic, "betrace.evaluate", self._on_traces)
         agent(self.verdicts_topic, "betrace.sink.signals", self._on_verdicts)
-        interval = min(0.25, self.settings.idle_timeout_s / 4)
-        self.app.timer(interval, name="betrace.assemble.close")(self.close_traces)
+        self.app.timer(close_tick_s(self.settings), name="betrace.assemble.close")(self.close_traces)
         self.app.timer(1.0, name="betrace.integrity.flush")(self.integrity.flush_quietly)
         store_tick = min(0.25, self.settings.store_flush_interval_s / 2)
         self.app.timer(store_tick, name="betrace.sink.duckdb.flush")(self.flush_spans_if_due)
@@ -671,6 +670,15 @@ class Pipeline:
             if doc.get("source_produced_ms"):
                 latency = max(now_ms - doc["source_produced_ms"], 0.0) / 1000
                 self.hooks.observe("betrace_produce_to_signal_seconds", latency, tenant=doc["tenant"])
+
+
+def close_tick_s(settings: Settings) -> float:
+    """How often the assembler looks for due traces: a quarter of the shortest idle time."""
+    delays = [settings.idle_timeout_s, settings.root_close_delay_s]
+    for o in settings.assembly_tenants.values():
+        delays += [o.idle_timeout_s or 0.0, o.root_close_delay_s or 0.0]
+    shortest = min(d for d in delays if d > 0)
+    return min(0.25, max(0.01, shortest / 4))
 
 
 def build_pipeline(

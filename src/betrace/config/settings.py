@@ -67,6 +67,9 @@ class AssemblyOverrides(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     idle_timeout_s: float | None = Field(None, gt=0, le=3600, description="idle time before close")
+    root_close_delay_s: float | None = Field(
+        None, ge=0, le=3600, description="idle time before close once the root span arrived; 0 = off"
+    )
     max_trace_age_s: float | None = Field(None, gt=0, description="force-close a trace this old")
     window_spans: int | None = Field(None, ge=2, le=1_000_000, description="spans per window")
     window_overlap_pct: float | None = Field(None, ge=0, lt=100, description="window overlap, percent")
@@ -86,6 +89,8 @@ class AssemblyPolicy:
     max_live_traces: int
     max_trace_bytes: int
     decision_cache_s: float
+    #: Once the root span arrived, this idle time closes the trace; 0: the idle timeout only.
+    root_close_delay_s: float = 0.0
 
     @property
     def overlap_spans(self) -> int:
@@ -122,6 +127,12 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path(".dev/data"), description="DuckDB files, one per tenant")
     rules_dir: Path = Field(Path("config/rules"), description="per-tenant rule YAML files")
     idle_timeout_s: float = Field(5.0, gt=0, le=3600, description="close a trace after this idle time")
+    root_close_delay_s: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="once a trace's root span arrived, close it after this idle time instead; 0 = off",
+    )
     max_trace_age_s: float = Field(3600.0, gt=0, description="force-close a trace this old")
     max_live_traces: int = Field(200_000, ge=1, description="per worker; oldest closed early past it")
     window_spans: int = Field(
@@ -247,6 +258,7 @@ class Settings(BaseSettings):
             max_live_traces=pick(o.max_live_traces, self.max_live_traces_per_tenant),
             max_trace_bytes=pick(o.max_trace_bytes, self.max_trace_bytes),
             decision_cache_s=pick(o.decision_cache_s, self.decision_cache_s),
+            root_close_delay_s=pick(o.root_close_delay_s, self.root_close_delay_s),
         )
 
     @property

@@ -84,6 +84,7 @@ def make(
         "max_live_traces": 1000,
         "max_trace_bytes": 10**9,
         "decision_cache_s": 60.0,
+        "root_close_delay_s": 0.0,
     }
     values.update(overrides)
     policy = AssemblyPolicy(
@@ -94,6 +95,7 @@ def make(
         max_live_traces=int(values["max_live_traces"]),
         max_trace_bytes=int(values["max_trace_bytes"]),
         decision_cache_s=values["decision_cache_s"],
+        root_close_delay_s=values["root_close_delay_s"],
     )
     return TraceAssembler(
         idle_timeout_s=policy.idle_timeout_s,

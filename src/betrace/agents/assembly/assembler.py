@@ -60,7 +60,7 @@ TRACES_TABLE = "assembly-traces"
 DECISIONS_TABLE = "assembly-decisions"
 _UNBOUNDED = 1 << 62
 
-Cause = Literal["idle", "max_age", "live_limit", "tenant_live_limit", "bytes_limit", "flush"]
+Cause = Literal["idle", "root", "max_age", "live_limit", "tenant_live_limit", "bytes_limit", "flush"]
 
 
 @dataclass(slots=True)
@@ -149,6 +149,8 @@ class TraceAssembler:
         self.partitions = partitions
         self._all: dict[str, OpenTrace] = {}  # first-seen order: oldest first
         self._idle: dict[str, dict[str, OpenTrace]] = {}  # per tenant, last-touch order
+        #: The traces of ``_idle`` whose root span arrived (``root_close_delay_s`` on), same order.
+        self._rooted: dict[str, dict[str, OpenTrace]] = {}
         self._decisions: dict[str, Decision] = {}  # closed order
         #: Written last tick, summaries still as objects for in-process readers of the writes.
         self._to_compact: list[Decision] = []
@@ -202,6 +204,7 @@ class TraceAssembler:
         src = -1 if offset is None else offset
         table, groups = _split_by_trace(spans)
         live, decisions, idle_of, refs = self._all, self._decisions, self._idle, self._refs
+        roots: set[str] | None = None  # trace ids with a root span here, found when a tenant asks
         # The per-trace loop of assembly: kept flat (no call per trace).
         for trace_id, tenant, start, size in groups:
             trace = live.get(trace_id)
@@ -238,10 +241,33 @@ class TraceAssembler:
             idle.pop(trace_id, None)
             idle[trace_id] = trace  # move to the end: most recently touched
             policy = self.policy(trace.tenant)
+            if policy.root_close_delay_s > 0:
+                roots = self._touch_rooted(trace, table, roots)
             if trace.bytes > policy.max_trace_bytes:
                 self._force.setdefault(trace_id, "bytes_limit")
             elif trace.rows + trace.overlap.num_rows >= policy.window_spans:
                 self._fold_due.add(trace_id)
+
+    def _touch_rooted(self, trace: OpenTrace, table: pa.Table, roots: set[str] | None) -> set[str]:
+        """Mark ``trace`` rooted when ``table`` (the message) holds its root; keep it last-touched."""
+        if roots is None:
+            roots = _root_traces(table)
+        if trace.rooted or trace.trace_id in roots:
+            trace.rooted = True
+            rooted = self._rooted.get(trace.tenant)
+            if rooted is None:
+                rooted = self._rooted[trace.tenant] = {}
+            rooted.pop(trace.trace_id, None)
+            rooted[trace.trace_id] = trace
+        return roots
+
+    def _forget(self, trace: OpenTrace) -> None:
+        """Take a closed or revoked trace out of every index."""
+        del self._all[trace.trace_id]
+        self._idle[trace.tenant].pop(trace.trace_id, None)
+        if trace.rooted:
+            self._rooted[trace.tenant].pop(trace.trace_id, None)
+        self._fold_due.discard(trace.trace_id)
 
     def _hold(self, seq: int) -> None:
         self._refs[seq] = self._refs.get(seq, 0) + 1
@@ -298,6 +324,13 @@ class TraceAssembler:
                     break
                 if trace.hold_until <= now:
                     due.setdefault(trace_id, "idle")
+        for tenant, traces in self._rooted.items():  # the root is in: a shorter idle time
+            idle_before = now - self.policy(tenant).root_close_delay_s
+            for trace_id, trace in traces.items():
+                if trace.last_seen > idle_before:
+                    break
+                if trace.hold_until <= now:
+                    due.setdefault(trace_id, "root")
         self._hold_for_deadlines(due, now)
         if self._all and now - self._min_age >= next(iter(self._all.values())).first_seen:
             for trace_id, trace in self._all.items():
@@ -336,7 +369,7 @@ class TraceAssembler:
         rules: dict[str, list[CompiledSequenceRule]] = {}
         traces: list[OpenTrace] = []
         for trace_id, cause in due.items():
-            if cause == "idle":
+            if cause in {"idle", "root"}:
                 trace = self._all[trace_id]
                 if trace.tenant not in rules:
                     rules[trace.tenant] = [
@@ -510,11 +543,9 @@ class TraceAssembler:
         closed_by: dict[Cause, int] = {}
         for trace in closing:
             cause = due[trace.trace_id]
-            del self._all[trace.trace_id]
-            self._idle[trace.tenant].pop(trace.trace_id, None)
-            self._fold_due.discard(trace.trace_id)
+            self._forget(trace)
             closed_by[cause] = closed_by.get(cause, 0) + 1
-            if cause not in {"idle", "max_age"}:
+            if cause not in {"idle", "root", "max_age"}:
                 self._anomaly(cause, trace, "closed and evaluated early")
             out.traces += 1
             whole = trace.spans == trace.rows + trace.overlap.num_rows
@@ -682,11 +713,9 @@ class TraceAssembler:
     def drop_partitions(self, partitions: set[int]) -> list[int]:
         """Forget everything of revoked partitions; return the seqs that must not be acked."""
         forgotten: set[int] = set()
-        for trace_id, trace in list(self._all.items()):
+        for trace in list(self._all.values()):
             if trace.partition in partitions:
-                del self._all[trace_id]
-                self._idle[trace.tenant].pop(trace_id, None)
-                self._fold_due.discard(trace_id)
+                self._forget(trace)
                 forgotten |= trace.held
                 self._unhold(trace.held)
         for trace_id, decision in list(self._decisions.items()):
@@ -711,6 +740,15 @@ def _compact(table: pa.Table) -> pa.Table:
 def _rows_of(traces: list[OpenTrace]) -> pa.Table:
     """The new rows of ``traces``, trace after trace, as one contiguous table."""
     return gather([c for trace in traces for c in trace.chunks])
+
+
+def _root_traces(table: pa.Table) -> set[str]:
+    """Trace ids of ``table`` that have a root span (no parent span id)."""
+    parent = table.column("parent_span_id")
+    is_root = pc.or_kleene(pc.is_null(parent), pc.equal(pc.binary_length(parent), 0))
+    if not pc.any(is_root).as_py():
+        return set()
+    return set(pc.unique(pc.filter(table.column("trace_id"), is_root)).to_pylist())
 
 
 def _split_by_trace(spans: pa.Table) -> tuple[pa.Table, list[tuple[str, str, int, int]]]:

@@ -127,6 +127,9 @@ class OpenTrace:
     bytes: int = 0
     summaries: Summaries = field(default_factory=dict)
     checkpointed: bool = False
+    #: Its root span arrived (only tracked with ``root_close_delay_s`` on; not checkpointed:
+    #: a recovered trace waits for the idle timeout, as replayed rows may still come).
+    rooted: bool = False
 
     def pending(self) -> pa.Table:
         """Overlap followed by the new rows (arrival order)."""
