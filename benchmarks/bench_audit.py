@@ -15,7 +15,10 @@ file read-only for each call, as the API and the CLI do):
 * a cursor page of 100 events at a random position, unfiltered and with a
   tenant + type filter;
 * a whole chain (ancestors + descendants) of a random grandchild and root;
-* a recorder flush of 500 events (open, insert, commit, close) into the big file.
+* a recorder flush of 500 events (open, insert, commit, close) into the big file,
+  and one of 5 events, what the signal sink writes per batch under load.
+
+    PYTHONPATH=<other tree>/src .venv/bin/python benchmarks/bench_audit.py --events 200000  # another tree
 """
 
 from __future__ import annotations
@@ -155,6 +158,16 @@ def main() -> None:
             rec.flush()
 
         writes = timed(write_batch, 10)
+
+        def write_small() -> None:
+            top = rec.record(AuditEventType.EVALUATION_BATCH, actor="bench", subject="batch", tenant="t")
+            for i in range(4):
+                rec.record(
+                    AuditEventType.SIGNAL_EMITTED, actor="bench", subject=f"s{i}", tenant="t", parent=top
+                )
+            rec.flush()
+
+        small_writes = timed(write_small, 50)
         rec.close()
         results = {
             "events": n,
@@ -167,6 +180,7 @@ def main() -> None:
             "chain_of_a_grandchild (2 ancestors)": chain_leaf,
             "chain_of_a_root (9 descendants)": chain_root,
             "recorder_flush_500_events": writes,
+            "recorder_flush_5_events": small_writes,
         }
         for name, value in results.items():
             print(f"{name}: {value}")

@@ -4,8 +4,8 @@
 reference; a background thread writes the buffer every ``flush_interval_s``
 or as soon as ``flush_events`` are waiting, and ``close`` writes the rest.
 Each write opens ``audit.duckdb`` with :func:`~betrace.sinks.shared_file.open_shared`
-(workers and CLI commands share the file, so nobody holds it), inserts in
-one transaction and closes it.
+(workers and CLI commands share the file, so nobody holds it), attached to the
+process's shared instance, inserts in one transaction and detaches it.
 
 Ordering and the foreign key: events are written in the order they were
 recorded; inside one batch, DuckDB checks the foreign key only against rows
@@ -47,7 +47,7 @@ from betrace.audit.events import EVENT_ID_RE, AuditEventType, EventRef
 from betrace.audit.schema import COLUMNS, ensure_schema, file_lock, one
 from betrace.errors import BetraceError, SinkError
 from betrace.metrics import InMemoryHooks, StageHooks
-from betrace.sinks.shared_file import open_shared
+from betrace.sinks.shared_file import SHARED_INSTANCE, open_shared
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +271,10 @@ class DuckDBAuditRecorder:
 
     def _write_batch(self, batch: list[_Event]) -> int:
         started = time.perf_counter()
-        with file_lock(self.path), open_shared(self.path, timeout_s=self.lock_timeout_s) as con:
+        with (
+            file_lock(self.path),
+            open_shared(self.path, timeout_s=self.lock_timeout_s, via=SHARED_INSTANCE) as con,
+        ):
             if not self._schema_ready:
                 ensure_schema(con)
                 self._schema_ready = True
