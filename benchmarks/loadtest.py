@@ -61,6 +61,8 @@ from betrace.streams.admin import ensure_topics  # noqa: E402
 from betrace.streams.lag import LagReader  # noqa: E402
 from betrace.streams.topics import verdicts_topic  # noqa: E402
 
+#: Why traces closed, read from the workers' ``betrace_traces_closed_total`` (the ordinary causes).
+CLOSE_CAUSES = ("idle", "root", "max_age")
 SMOKE = {"rate": 3000.0, "duration": 5.0, "producers": 2, "workers": 1, "drain_timeout": 60.0}
 
 
@@ -288,6 +290,7 @@ class LoadTest:
         bmeter = probes.CpuMeter(self.broker_pid) if self.broker_pid else None
         eval_hist: dict[str, dict[float, float]] = {}
         stored_rows: dict[str, float] = {}
+        closed: dict[str, dict[str, float]] = {}
         prev = {"t": 0.0, "produced": 0, "consumed": 0.0, "stored": 0.0, "hist": {}, "sig": 0}
         await asyncio.sleep(max(0.0, self.start - time.time()))
         async with aiohttp.ClientSession() as session:
@@ -317,6 +320,10 @@ class LoadTest:
                         stored_rows[name] = probes.parse_counter(
                             text, "betrace_sink_rows_total", 'sink="duckdb"'
                         )
+                        closed[name] = {
+                            c: probes.parse_counter(text, "betrace_traces_closed_total", f'cause="{c}"')
+                            for c in CLOSE_CAUSES
+                        }
                 hist = probes.add_histograms(eval_hist.values())
                 stored = sum(stored_rows.values())
                 dt = max(t - prev["t"], 1e-6)
@@ -355,6 +362,7 @@ class LoadTest:
                 prev = {"t": t, "produced": produced, "consumed": consumed, "stored": stored, "hist": hist}
                 prev["sig"] = len(self.signals)
                 self.eval_hist_total = hist
+                self.closed_by = {c: round(sum(w[c] for w in closed.values())) for c in CLOSE_CAUSES}
                 await asyncio.sleep(max(0.0, 1.0 - (time.time() - wall)))
         await reader.stop()
 

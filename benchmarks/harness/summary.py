@@ -190,6 +190,7 @@ def summarise(test: Any, results: list[ProducerResult]) -> dict[str, Any]:
             "p99": eval_q(0.99),
             "method": "bucket-interpolated from the workers' betrace_evaluate_seconds",
         },
+        "traces_closed_by": getattr(test, "closed_by", {}),
         "memory": memory,
         "rss_growth_after_warmup_max_pct": max(growths) if growths else None,
         "exactly_once": checks,
@@ -243,6 +244,9 @@ def print_report(result: dict[str, Any]) -> None:
         f"rule evaluation per batch ({ev['batches']:,} batches, from the workers' histogram): "
         f"p50 {ev['p50']} ms, p99 {ev['p99']} ms"
     )
+    if result.get("traces_closed_by"):
+        causes = ", ".join(f"{n:,} {c}" for c, n in result["traces_closed_by"].items())
+        print(f"traces closed by cause (the workers' counters): {causes}")
     for name, m in result["memory"].items():
         print(
             f"{name}: RSS {m['rss_after_warmup_mib']} MiB after warm-up -> {m['rss_end_mib']} MiB at the end "

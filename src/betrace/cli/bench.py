@@ -37,6 +37,13 @@ def bench(
     producers: Annotated[int, typer.Option(min=1, help="Producer processes generating the load.")] = 2,
     tenants: Annotated[int, typer.Option(min=1, help="Tenants, each with its own rule file.")] = 10,
     rules_per_tenant: Annotated[int, typer.Option(min=2, max=20, help="Rules per tenant.")] = 20,
+    root_close_delay: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds without a span that close a trace once its root arrived (0: idle timeout only).",
+        ),
+    ] = 0.0,
     partitions: Annotated[
         int | None, typer.Option(min=1, help="Partitions per topic (default: max(4, workers)).")
     ] = None,
@@ -88,6 +95,8 @@ def bench(
     argv = [sys.executable, str(script), "--rate", str(rate), "--duration", str(duration)]
     argv += ["--workers", str(workers), "--producers", str(producers), "--tenants", str(tenants)]
     argv += ["--rules-per-tenant", str(rules_per_tenant)]
+    if root_close_delay:
+        argv += ["--root-close-delay", str(root_close_delay)]
     if split_ingest:
         argv += ["--split-ingest", "--ingest-workers", str(ingest_workers)]
     if partitions is not None:

@@ -20,7 +20,10 @@ def _env() -> dict[str, str]:
 def test_smoke_run_completes_exactly_once_with_json_and_plot(kafka_brokers: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "betrace", "bench", "--smoke", "--brokers", kafka_brokers, "--out", str(out)],
+        [
+            *(sys.executable, "-m", "betrace", "bench", "--smoke", "--brokers", kafka_brokers),
+            *("--out", str(out), "--root-close-delay", "0.1"),
+        ],
         cwd=ROOT,
         env=_env(),
         capture_output=True,
@@ -40,6 +43,10 @@ def test_smoke_run_completes_exactly_once_with_json_and_plot(kafka_brokers: str,
     assert eo["signal_records"] == eo["stored_signals"] == eo["ledger_transfers"] == eo["expected_signals"]
     assert eo["missing_signals"] == eo["unexpected_signals"] == eo["duplicate_signal_records"] == 0
     assert result["config"]["tenants"] == 10 and result["config"]["rules_per_tenant"] == 20
+    # Whole traces with their roots: closed 0.1 s after their last span, not at the idle timeout.
+    assert result["config"]["root_close_delay_s"] == 0.1
+    closed_by = result["traces_closed_by"]
+    assert closed_by["root"] > 0 and closed_by["root"] >= 10 * closed_by["idle"], closed_by
     assert eo["tenant_files"] == 10  # traffic reached every tenant's store
     # One sample per second over the load, each with the worker's RSS read from /proc.
     samples = result["samples"]
