@@ -149,25 +149,16 @@ def main() -> None:
 
         rec = DuckDBAuditRecorder(path, flush_events=100_000, flush_interval_s=3600)
 
-        def write_batch() -> None:
+        def write_batch(events: int) -> None:
             top = rec.record(AuditEventType.EVALUATION_BATCH, actor="bench", subject="batch", tenant="t")
-            for i in range(499):
+            for i in range(events - 1):
                 rec.record(
                     AuditEventType.SIGNAL_EMITTED, actor="bench", subject=f"s{i}", tenant="t", parent=top
                 )
             rec.flush()
 
-        writes = timed(write_batch, 10)
-
-        def write_small() -> None:
-            top = rec.record(AuditEventType.EVALUATION_BATCH, actor="bench", subject="batch", tenant="t")
-            for i in range(4):
-                rec.record(
-                    AuditEventType.SIGNAL_EMITTED, actor="bench", subject=f"s{i}", tenant="t", parent=top
-                )
-            rec.flush()
-
-        small_writes = timed(write_small, 50)
+        writes = timed(lambda: write_batch(500), 10)
+        small_writes = timed(lambda: write_batch(5), 50)
         rec.close()
         results = {
             "events": n,

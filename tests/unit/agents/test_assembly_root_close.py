@@ -10,6 +10,7 @@ from tests.unit.agents.test_assembly_windows import (
     T3,
     Clock,
     _at,
+    audit_sequence_rule,
     make,
     rules_of,
     spans,
@@ -21,8 +22,7 @@ from betrace.agents.app import close_tick_s
 from betrace.agents.assembly.assembler import TraceAssembler
 from betrace.config import Settings
 from betrace.metrics import InMemoryHooks
-from betrace.rules.engine import compile_rule
-from betrace.rules.model import CompiledRule, Rule
+from betrace.rules.model import CompiledRule
 
 ROOT_DELAY = 0.2
 
@@ -114,15 +114,7 @@ def test_off_by_default_even_when_every_span_is_a_root() -> None:
 
 
 def test_a_rooted_trace_still_waits_for_its_followed_by_deadline() -> None:
-    rule = compile_rule(
-        Rule(
-            id="audit",
-            tenant="t",
-            name="audited",
-            language="sequence",
-            expression="pii.access followed_by audit.log within 30s",
-        )
-    )
+    rule = audit_sequence_rule()
     clock, hooks = Clock(), InMemoryHooks()
     asm = rooted_assembler(clock, hooks, rules=[rule])
     now_ns = int(clock.now * 1e9)

@@ -453,17 +453,21 @@ def _at(table: pa.Table, start_ns: int) -> pa.Table:
     return with_column(table, "end_ns", ends)
 
 
+def audit_sequence_rule() -> CompiledRule:
+    """``pii.access followed_by audit.log within 30s`` of tenant ``t``."""
+    rule = Rule(
+        id="audit",
+        tenant="t",
+        name="audited",
+        language="sequence",
+        expression="pii.access followed_by audit.log within 30s",
+    )
+    return compile_rule(rule)
+
+
 def test_an_idle_trace_waits_for_its_followed_by_deadline_before_it_is_judged() -> None:
     """The verdict is decided when the deadline passes, not when the trace goes idle early."""
-    rule = compile_rule(
-        Rule(
-            id="audit",
-            tenant="t",
-            name="audited",
-            language="sequence",
-            expression="pii.access followed_by audit.log within 30s",
-        )
-    )
+    rule = audit_sequence_rule()
     clock, hooks = Clock(), InMemoryHooks()
     asm = make(clock, hooks, rules=[rule], idle_timeout_s=5.0, window_spans=10)
     now_ns = int(clock.now * 1e9)

@@ -317,20 +317,8 @@ class TraceAssembler:
             return dict.fromkeys(self._all, "idle")
         due: dict[str, Cause] = {t: c for t, c in self._force.items() if t in self._all}
         self._force.clear()
-        for tenant, traces in self._idle.items():
-            idle_before = now - self.policy(tenant).idle_timeout_s
-            for trace_id, trace in traces.items():
-                if trace.last_seen > idle_before:
-                    break
-                if trace.hold_until <= now:
-                    due.setdefault(trace_id, "idle")
-        for tenant, traces in self._rooted.items():  # the root is in: a shorter idle time
-            idle_before = now - self.policy(tenant).root_close_delay_s
-            for trace_id, trace in traces.items():
-                if trace.last_seen > idle_before:
-                    break
-                if trace.hold_until <= now:
-                    due.setdefault(trace_id, "root")
+        self._idle_due(due, self._idle, now, "idle")
+        self._idle_due(due, self._rooted, now, "root")  # the root is in: a shorter idle time
         self._hold_for_deadlines(due, now)
         if self._all and now - self._min_age >= next(iter(self._all.values())).first_seen:
             for trace_id, trace in self._all.items():
@@ -358,6 +346,19 @@ class TraceAssembler:
                     due[trace_id] = "live_limit"
                     excess -= 1
         return due
+
+    def _idle_due(
+        self, due: dict[str, Cause], index: dict[str, dict[str, OpenTrace]], now: float, cause: Cause
+    ) -> None:
+        """Add the traces of ``index`` (per tenant, last-touch order) idle for their time."""
+        for tenant, traces in index.items():
+            policy = self.policy(tenant)
+            idle_before = now - (policy.root_close_delay_s if cause == "root" else policy.idle_timeout_s)
+            for trace_id, trace in traces.items():
+                if trace.last_seen > idle_before:
+                    break
+                if trace.hold_until <= now:
+                    due.setdefault(trace_id, cause)
 
     def _hold_for_deadlines(self, due: dict[str, Cause], now: float) -> None:
         """Keep idle traces open while a ``followed_by`` verdict still depends on spans to come.
