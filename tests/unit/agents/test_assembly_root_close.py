@@ -154,3 +154,11 @@ def test_the_close_tick_follows_the_shortest_idle_time() -> None:
     tenant = Settings(assembly_tenants={"fast": {"root_close_delay_s": 0.2}})
     assert close_tick_s(tenant) == 0.05
     assert close_tick_s(Settings(root_close_delay_s=0.001)) == 0.01  # a floor: the tick has a cost
+
+
+def test_a_late_tick_still_names_the_root_as_the_cause() -> None:
+    clock, hooks = Clock(), InMemoryHooks()
+    asm = rooted_assembler(clock, hooks)
+    asm.add(tree(T1, ["GET /", "db.query"]), seq=1, offset=1)
+    assert tick(asm, clock, 6.0).traces == 1  # past the idle timeout too: a tick that ran late
+    assert closed_by(hooks, "root") == 1 and closed_by(hooks, "idle") == 0

@@ -317,8 +317,9 @@ class TraceAssembler:
             return dict.fromkeys(self._all, "idle")
         due: dict[str, Cause] = {t: c for t, c in self._force.items() if t in self._all}
         self._force.clear()
+        # The root is in: a shorter idle time; first, so that a late tick still names the cause.
+        self._idle_due(due, self._rooted, now, "root")
         self._idle_due(due, self._idle, now, "idle")
-        self._idle_due(due, self._rooted, now, "root")  # the root is in: a shorter idle time
         self._hold_for_deadlines(due, now)
         if self._all and now - self._min_age >= next(iter(self._all.values())).first_seen:
             for trace_id, trace in self._all.items():
