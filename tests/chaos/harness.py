@@ -208,53 +208,59 @@ class Monitor(threading.Thread):
         asyncio.run(self._loop())
 
     async def _loop(self) -> None:
-        cfg = self.run_.cfg
-        topics = _stage_topics(cfg)
         reader: LagReader | None = None
         was_ready = False
         try:
             while not self.stop_event.is_set():
-                # Lag: a reader that failed is rebuilt, since its connections may be gone with the broker.
-                try:
-                    if reader is None:
-                        reader = LagReader(cfg.brokers, timeout_s=2.0)
-                        await asyncio.wait_for(reader.start(), 3)
-                    lags = await asyncio.wait_for(reader.lag(cfg.group_id, topics), 3)
-                    total = sum(p.lag for p in lags)
-                    self.last_lag = total
-                    self.peak_lag = max(self.peak_lag, total)
-                    self.last_committed_all = bool(lags) and all(
-                        p.committed is not None and p.lag == 0 for p in lags if p.end > 0
-                    )
-                except (BrokerError, TimeoutError, OSError) as exc:
-                    self._note("lag-read-failed", str(exc) or type(exc).__name__)
-                    if reader is not None:
-                        with contextlib.suppress(Exception):
-                            await asyncio.wait_for(reader.stop(), 3)
-                    reader = None
-                status = await asyncio.to_thread(self._ready)
-                if status == 200:
-                    was_ready = True
-                elif was_ready:
-                    shown = status if status is not None else "unreachable"
-                    self._note("not-ready", f"/health/ready {shown}")
-                worker = self.run_.worker
-                if worker is not None and worker.proc is not None and not worker.alive:
-                    proc = worker.proc
-                    self._note("worker-exited", f"worker pid {proc.pid} exited {proc.returncode}")
-                # A copy: the test thread adds detectors while this runs (fault_begins).
-                for name, detector in list(self.run_.detectors.items()):
-                    try:
-                        fired = await asyncio.to_thread(detector)
-                        if fired:
-                            self._note(name, fired if isinstance(fired, str) else "scenario detector fired")
-                    except BetraceError as exc:
-                        self._note(name, str(exc))
+                reader = await self._sample_lag(reader)
+                was_ready = await self._check(was_ready)
                 await asyncio.sleep(SAMPLE_S)
         finally:  # also when a step raised: its connections must not outlive the test
             if reader is not None:
                 with contextlib.suppress(Exception):
                     await reader.stop()
+
+    async def _sample_lag(self, reader: LagReader | None) -> LagReader | None:
+        """Record the lag; the reader to use next (a failed one is rebuilt: the broker may be gone)."""
+        cfg = self.run_.cfg
+        try:
+            if reader is None:
+                reader = LagReader(cfg.brokers, timeout_s=2.0)
+                await asyncio.wait_for(reader.start(), 3)
+            lags = await asyncio.wait_for(reader.lag(cfg.group_id, _stage_topics(cfg)), 3)
+        except (BrokerError, TimeoutError, OSError) as exc:
+            self._note("lag-read-failed", str(exc) or type(exc).__name__)
+            if reader is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(reader.stop(), 3)
+            return None
+        total = sum(p.lag for p in lags)
+        self.last_lag = total
+        self.peak_lag = max(self.peak_lag, total)
+        self.last_committed_all = bool(lags) and all(
+            p.committed is not None and p.lag == 0 for p in lags if p.end > 0
+        )
+        return reader
+
+    async def _check(self, was_ready: bool) -> bool:
+        """Readiness, the worker's exit and the scenario detectors; whether it has been ready."""
+        status = await asyncio.to_thread(self._ready)
+        if status == 200:
+            was_ready = True
+        elif was_ready:
+            self._note("not-ready", f"/health/ready {status if status is not None else 'unreachable'}")
+        worker = self.run_.worker
+        if worker is not None and worker.proc is not None and not worker.alive:
+            self._note("worker-exited", f"worker pid {worker.proc.pid} exited {worker.proc.returncode}")
+        # A copy: the test thread adds detectors while this runs (fault_begins).
+        for name, detector in list(self.run_.detectors.items()):
+            try:
+                fired = await asyncio.to_thread(detector)
+                if fired:
+                    self._note(name, fired if isinstance(fired, str) else "scenario detector fired")
+            except BetraceError as exc:
+                self._note(name, str(exc))
+        return was_ready
 
 
 class ChaosRun:

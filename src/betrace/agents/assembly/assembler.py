@@ -248,12 +248,16 @@ class TraceAssembler:
             elif trace.rows + trace.overlap.num_rows >= policy.window_spans:
                 self._fold_due.add(trace_id)
 
-    def _touch_rooted(self, trace: OpenTrace, table: pa.Table, roots: set[str] | None) -> set[str]:
-        """Mark ``trace`` rooted when ``table`` (the message) holds its root; keep it last-touched."""
-        if roots is None:
-            roots = _root_traces(table)
-        if trace.rooted or trace.trace_id in roots:
-            trace.rooted = True
+    def _touch_rooted(self, trace: OpenTrace, table: pa.Table, roots: set[str] | None) -> set[str] | None:
+        """Mark ``trace`` rooted when ``table`` (the message) holds its root; keep it last-touched.
+
+        ``roots`` is the message's rooted trace ids, found once and only for a trace not yet rooted.
+        """
+        if not trace.rooted:
+            if roots is None:
+                roots = _root_traces(table)
+            trace.rooted = trace.trace_id in roots
+        if trace.rooted:
             rooted = self._rooted.get(trace.tenant)
             if rooted is None:
                 rooted = self._rooted[trace.tenant] = {}
