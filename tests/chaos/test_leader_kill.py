@@ -58,20 +58,32 @@ def _set_cluster_min_isr(kafka: LocalKafka, value: int) -> None:
 
 
 async def _topic_min_isr_and_leader(brokers: str, topic: str) -> tuple[str, int, int]:
+    """The topic's min ISR, partition 0's leader and replica count, once every broker knows them.
+
+    A topic created a moment ago may be missing from the answering broker's metadata
+    (seen once in CI), so the lookup is repeated for up to 15 s.
+    """
     admin = AIOKafkaAdminClient(bootstrap_servers=brokers)
     await admin.start()
+    deadline = time.monotonic() + 15
     try:
-        described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
-        resource = described[0].to_object()["resources"][0]
-        entries = resource.get("config_entries") or resource.get("configs") or []
-        min_isr = next(
-            e["config_value"]
-            for e in entries
-            if (e.get("config_names") or e.get("config_name")) == "min.insync.replicas"
-        )
-        meta = await admin.describe_topics([topic])
-        partition = next(p for p in meta[0]["partitions"] if p["partition"] == 0)
-        return min_isr, int(partition["leader"]), len(partition["replicas"])
+        while True:
+            described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+            resource = described[0].to_object()["resources"][0]
+            entries = resource.get("config_entries") or resource.get("configs") or []
+            min_isr = [
+                e["config_value"]
+                for e in entries
+                if (e.get("config_names") or e.get("config_name")) == "min.insync.replicas"
+            ]
+            meta = await admin.describe_topics([topic])
+            partitions = [p for p in meta[0].get("partitions") or [] if p["partition"] == 0]
+            if min_isr and partitions and partitions[0]["leader"] >= 0:
+                return min_isr[0], int(partitions[0]["leader"]), len(partitions[0]["replicas"])
+            if time.monotonic() > deadline:
+                msg = f"{topic}: no min.insync.replicas or partition 0 leader in the metadata after 15 s"
+                raise AssertionError(msg)
+            await asyncio.sleep(0.5)
     finally:
         await admin.close()
 
